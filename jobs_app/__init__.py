@@ -1,0 +1,1 @@
+"""jobs_app: the source of truth for hosted-agent VM provisioning jobs."""

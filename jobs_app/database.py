@@ -1,0 +1,153 @@
+"""Where the database comes from, the connection pool, and migrations.
+
+With DATABASE_URL set, that server is used and nothing embedded starts. Without
+it, an embedded PostgreSQL (pgserver) is started under `Settings.data_dir` on the
+first connection, not on import, and a running one is reused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+from piccolo.engine.postgres import PostgresEngine
+
+from jobs_app.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+MIGRATION_LOCK_KEY = 0x6A6F6273  # "jobs": pg_advisory_lock key serialising migrations
+
+_embedded_lock = threading.Lock()
+_embedded_uri: str | None = None
+
+
+def embedded_database_url(settings: Settings) -> str:
+    """Start (or reuse) the embedded PostgreSQL and return its URL."""
+    global _embedded_uri
+    with _embedded_lock:
+        if _embedded_uri is None:
+            import pgserver  # imported here: only the embedded default needs it
+
+            data_dir = settings.data_dir.resolve()
+            data_dir.mkdir(parents=True, exist_ok=True)
+            log.info("starting embedded PostgreSQL in %s", data_dir / "pgdata")
+            # cleanup_mode=None: the server outlives this process and is reused next time.
+            server = pgserver.get_server(data_dir / "pgdata", cleanup_mode=None)
+            _embedded_uri = server.get_uri()
+        return _embedded_uri
+
+
+def database_url(settings: Settings | None = None) -> str:
+    settings = settings or get_settings()
+    return settings.database_url or embedded_database_url(settings)
+
+
+class LazyPostgresEngine(PostgresEngine):
+    """A PostgresEngine whose connection settings are resolved on first use.
+
+    Piccolo's engine connects in its constructor to check the server version;
+    this one doesn't, so importing piccolo_conf costs nothing and starts nothing.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        self._lazy_config: dict[str, Any] | None = None
+        super().__init__(config={}, **kwargs)
+
+    @property  # type: ignore[override]
+    def config(self) -> dict[str, Any]:
+        if not self._lazy_config:
+            self._lazy_config = {"dsn": database_url()}
+        return self._lazy_config
+
+    @config.setter
+    def config(self, value: dict[str, Any]) -> None:
+        self._lazy_config = value or None
+
+    async def check_version(self) -> None:
+        """Skipped: gen_random_uuid() needs PostgreSQL 13+, which the migrations state."""
+
+    async def prep_database(self) -> None:
+        """No extensions are needed."""
+
+
+def get_engine() -> PostgresEngine:
+    from piccolo.engine.finder import engine_finder
+
+    engine = engine_finder()
+    if not isinstance(engine, PostgresEngine):
+        raise RuntimeError("jobs_app needs a PostgreSQL engine in piccolo_conf.py")
+    return engine
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Pool reset hook: asyncpg still rolls back an open transaction first.
+
+    Pooled connections never change session state (no SET, LISTEN or session
+    advisory locks), so the default RESET ALL round trip on every release is
+    skipped: one operation, one round trip.
+    """
+
+
+async def start_pool(settings: Settings | None = None) -> None:
+    """Open the engine's pool; Piccolo queries and the service layer share it."""
+    settings = settings or get_settings()
+    engine = get_engine()
+    if engine.pool is not None:
+        return
+    await engine.start_connection_pool(
+        min_size=settings.pool_min_size,
+        max_size=settings.pool_max_size,
+        command_timeout=settings.db_timeout_seconds,
+        timeout=settings.db_timeout_seconds,
+        reset=_keep_session,
+        server_settings={"application_name": "jobs_app"},
+    )
+
+
+async def close_pool() -> None:
+    engine = get_engine()
+    if engine.pool is not None:
+        await engine.close_connection_pool()
+
+
+@contextlib.asynccontextmanager
+async def connection() -> AsyncIterator[asyncpg.Connection]:
+    """A connection for one operation: the current transaction's, a pooled one, or a new one."""
+    engine = get_engine()
+    transaction = engine.current_transaction.get()
+    if transaction is not None:
+        yield transaction.connection
+    elif engine.pool is not None:
+        async with engine.pool.acquire(timeout=get_settings().db_timeout_seconds) as conn:
+            yield conn
+    else:
+        conn = await engine.get_new_connection()
+        try:
+            yield conn
+        finally:
+            await conn.close()
+
+
+async def migrate() -> None:
+    """Apply all migrations, serialised across processes by an advisory lock.
+
+    N replicas starting together on an empty database take turns; the later ones
+    find nothing left to do.
+    """
+    from piccolo.apps.migrations.commands.forwards import run_forwards
+
+    engine = get_engine()
+    lock_conn = await engine.get_new_connection()
+    try:
+        await lock_conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
+        result = await run_forwards(app_name="all")
+        if not result.success:
+            raise RuntimeError(f"migrations failed: {result.message}")
+    finally:
+        # Closing the session releases the lock even if the unlock never ran.
+        await lock_conn.close()

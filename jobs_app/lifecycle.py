@@ -1,0 +1,87 @@
+"""The provisioning job's state machine, as data.
+
+`queue.py` builds its SQL from these tables, so the rules live in one place:
+which status may lead to which, and which columns a transition stamps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+HEARTBEAT_INTERVAL_SECONDS = 60
+"""The workflow posts a heartbeat this often."""
+JOB_TIMEOUT_SECONDS = 900
+"""A provisioning job with no sign of life for this long is failed (15 min)."""
+JOB_DEADLINE_SECONDS = 3600
+"""A provisioning job is failed after this long in total, heartbeats or not."""
+QUEUE_TIMEOUT_SECONDS = 900
+"""A job still queued this long after entering `queued` is failed: it would block its user."""
+MAX_RETRIES = 3
+"""Retries allowed after the first attempt, before support has to step in."""
+
+CONCURRENT_PROVISION_MESSAGE = (
+    "A provisioning job is already in progress. Please wait for it to complete."
+)
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    PROVISIONING = "provisioning"
+    RUNNING = "running"
+    FAILED = "failed"
+
+
+ACTIVE_STATUSES = (JobStatus.QUEUED, JobStatus.PROVISIONING)
+"""Statuses that count as "in flight": at most one such job per user."""
+
+
+class FailureReason(StrEnum):
+    WORKFLOW_ERROR = "workflow_error"
+    HEARTBEAT_TIMEOUT = "heartbeat_timeout"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    QUEUE_TIMEOUT = "queue_timeout"
+    OPERATOR = "operator"
+
+
+class Actor(StrEnum):
+    """Who caused a transition; operators are recorded as ``operator:<name>``."""
+
+    SYSTEM = "system"
+    WORKFLOW = "workflow"
+    API = "api"
+
+    @staticmethod
+    def operator(name: str) -> str:
+        return f"operator:{name}"
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    to: JobStatus
+    sources: tuple[JobStatus, ...]
+    """The statuses a job may be in for this transition to apply."""
+    stamps: tuple[str, ...] = ()
+    """Timestamp columns set to the database's now()."""
+    carries_failure: bool = False
+    """Whether error, failed_step and failure_reason are written."""
+
+
+TRANSITIONS: dict[JobStatus, Transition] = {
+    JobStatus.PROVISIONING: Transition(
+        JobStatus.PROVISIONING, (JobStatus.QUEUED,), stamps=("claimed_at",)
+    ),
+    JobStatus.RUNNING: Transition(
+        JobStatus.RUNNING, (JobStatus.PROVISIONING,), stamps=("completed_at",)
+    ),
+    JobStatus.FAILED: Transition(
+        JobStatus.FAILED,
+        (JobStatus.QUEUED, JobStatus.PROVISIONING),
+        stamps=("completed_at",),
+        carries_failure=True,
+    ),
+}
+"""Transitions a status callback may ask for. `queued` is absent on purpose:
+only `retry_job` re-queues, from `failed`, within the retry budget."""
+
+RETRY_SOURCES = (JobStatus.FAILED,)

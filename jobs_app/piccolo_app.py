@@ -1,0 +1,17 @@
+"""Piccolo app config: this service's tables and where their migrations live."""
+
+from pathlib import Path
+
+from piccolo.conf.apps import AppConfig
+
+from jobs_app.tables import Agent, JobEvent, ProvisioningJob, User
+
+MIGRATIONS_FOLDER = Path(__file__).resolve().parent.parent / "piccolo_migrations"
+
+APP_CONFIG = AppConfig(
+    app_name="jobs_app",
+    migrations_folder_path=str(MIGRATIONS_FOLDER),
+    table_classes=[User, Agent, ProvisioningJob, JobEvent],
+    migration_dependencies=[],
+    commands=[],
+)

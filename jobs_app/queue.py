@@ -1,0 +1,648 @@
+"""The service layer: every statement that reads or changes a job lives here.
+
+Each operation is one SQL statement (one round trip, autocommit). Invariants two
+requests could race on are decided by PostgreSQL: the unique stripe_event_id, the
+partial unique index allowing one job in flight per user, and conditional UPDATEs
+on a row locked in the same statement. Transitions write their `job_events` row
+in that same statement, so history and state never disagree. Time is `now()`.
+
+Callers see typed errors from `jobs_app.errors`, never database exceptions.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+import msgspec
+
+from jobs_app import errors
+from jobs_app.database import connection
+from jobs_app.lifecycle import (
+    ACTIVE_STATUSES,
+    CONCURRENT_PROVISION_MESSAGE,
+    HEARTBEAT_INTERVAL_SECONDS,
+    JOB_TIMEOUT_SECONDS,
+    MAX_RETRIES,
+    RETRY_SOURCES,
+    TRANSITIONS,
+    Actor,
+    FailureReason,
+    JobStatus,
+)
+from jobs_app.models import Agent, Enqueued, Job, JobEvent, JobPage, User
+from jobs_app.settings import get_settings
+
+__all__ = [
+    "HEARTBEAT_INTERVAL_SECONDS",
+    "JOB_TIMEOUT_SECONDS",
+    "MAX_RETRIES",
+    "check_concurrent_provision",
+    "check_job_timeout",
+    "create_agent",
+    "create_user",
+    "enqueue_provisioning_job",
+    "get_job",
+    "get_job_by_agent_id",
+    "get_job_by_stripe_event_id",
+    "list_job_events",
+    "list_jobs",
+    "record_heartbeat",
+    "retry_job",
+    "sweep_stale_jobs",
+    "update_job_status",
+]
+
+
+class _Statement:
+    """SQL written with :named parameters, compiled once to asyncpg's $n form."""
+
+    _PARAM = re.compile(r"(?<![:\w]):([a-z_]+)\b")
+
+    def __init__(self, template: str) -> None:
+        names: list[str] = []
+
+        def number(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if name not in names:
+                names.append(name)
+            return f"${names.index(name) + 1}"
+
+        self.sql = self._PARAM.sub(number, template)
+        self.names = tuple(names)
+
+    def args(self, values: dict[str, Any]) -> list[Any]:
+        return [values[name] for name in self.names]
+
+
+def _sql_list(values: Sequence[str]) -> str:
+    """A literal IN-list of our own enum values (never user input)."""
+    return ", ".join(f"'{v}'" for v in values)
+
+
+JOB_COLUMNS = ", ".join(Job.__struct_fields__)
+_J_COLUMNS = ", ".join(f"j.{c}" for c in Job.__struct_fields__)
+_ACTIVE = _sql_list(ACTIVE_STATUSES)
+
+
+def _job(record: asyncpg.Record, offset: int = 0) -> Job:
+    # Statements select JOB_COLUMNS in field order, so the row maps positionally.
+    return Job(*record[offset:])
+
+
+async def _fetchrow(statement: _Statement, **values: Any) -> asyncpg.Record | None:
+    async with connection() as conn:
+        try:
+            return await conn.fetchrow(statement.sql, *statement.args(values))
+        except asyncpg.PostgresError as exc:
+            raise _domain_error(exc) from exc
+
+
+async def _fetch(statement: _Statement, **values: Any) -> list[asyncpg.Record]:
+    async with connection() as conn:
+        try:
+            return await conn.fetch(statement.sql, *statement.args(values))
+        except asyncpg.PostgresError as exc:
+            raise _domain_error(exc) from exc
+
+
+_CONSTRAINT_ERRORS: dict[str, tuple[type[errors.DomainError], str]] = {
+    "provisioning_jobs_one_active_per_user": (
+        errors.ConcurrentProvisionError,
+        CONCURRENT_PROVISION_MESSAGE,
+    ),
+    "provisioning_jobs_user_id_fkey": (errors.NotFoundError, "user not found"),
+    "provisioning_jobs_agent_id_fkey": (errors.NotFoundError, "agent not found"),
+    "provisioning_jobs_agent_owner_fkey": (
+        errors.InvalidReferenceError,
+        "agent does not belong to this user",
+    ),
+    "agents_user_id_fkey": (errors.NotFoundError, "user not found"),
+    "users_email_key": (errors.DuplicateError, "a user with this email already exists"),
+    "provisioning_jobs_retry_count_check": (
+        errors.RetriesExhaustedError,
+        "retries exhausted",
+    ),
+}
+
+
+def _domain_error(exc: asyncpg.PostgresError) -> Exception:
+    """Turn a constraint violation into the domain error it stands for."""
+    constraint = getattr(exc, "constraint_name", None)
+    if constraint in _CONSTRAINT_ERRORS:
+        cls, message = _CONSTRAINT_ERRORS[constraint]
+        return cls(message)
+    return exc
+
+
+# --------------------------------------------------------------------------- users, agents
+
+_CREATE_USER = _Statement(
+    "INSERT INTO users (email) VALUES (:email) RETURNING id, email, created_at"
+)
+_CREATE_AGENT = _Statement(
+    """INSERT INTO agents (user_id, name) VALUES (:user_id, :name)
+       RETURNING id, user_id, name, created_at"""
+)
+_USER_BY_EMAIL = _Statement(
+    "SELECT id, email, created_at FROM users WHERE lower(email) = lower(:email)"
+)
+
+
+async def create_user(email: str) -> User:
+    row = await _fetchrow(_CREATE_USER, email=email)
+    assert row is not None
+    return User(*row)
+
+
+async def create_agent(user_id: UUID, name: str) -> Agent:
+    row = await _fetchrow(_CREATE_AGENT, user_id=user_id, name=name)
+    assert row is not None
+    return Agent(*row)
+
+
+async def find_user_by_email(email: str) -> User:
+    row = await _fetchrow(_USER_BY_EMAIL, email=email)
+    if row is None:
+        raise errors.NotFoundError("no user with this email")
+    return User(*row)
+
+
+# --------------------------------------------------------------------------- enqueue
+
+# ON CONFLICT targets the plain unique stripe_event_id only, so a second active job
+# for the user still raises on the partial unique index (-> ConcurrentProvisionError).
+_ENQUEUE = _Statement(
+    f"""
+    WITH inserted AS (
+        INSERT INTO provisioning_jobs (agent_id, user_id, stripe_event_id, region, max_retries)
+        VALUES (:agent_id, :user_id, :stripe_event_id, :region, :max_retries)
+        ON CONFLICT (stripe_event_id) DO NOTHING
+        RETURNING {JOB_COLUMNS}
+    ), event AS (
+        INSERT INTO job_events (job_id, from_status, to_status, attempt, actor, reason)
+        SELECT id, NULL, status, attempt, :actor, 'enqueued' FROM inserted
+    )
+    SELECT true AS created, {JOB_COLUMNS} FROM inserted
+    UNION ALL
+    SELECT false, {JOB_COLUMNS} FROM provisioning_jobs
+    WHERE stripe_event_id = :stripe_event_id AND NOT EXISTS (SELECT 1 FROM inserted)
+    """
+)
+_BY_STRIPE_EVENT = _Statement(
+    f"SELECT {JOB_COLUMNS} FROM provisioning_jobs WHERE stripe_event_id = :stripe_event_id"
+)
+
+
+async def enqueue_provisioning_job(
+    *,
+    agent_id: UUID,
+    user_id: UUID,
+    stripe_event_id: str,
+    region: str = "us-east",
+    max_retries: int | None = None,
+    actor: str = Actor.API,
+) -> Enqueued:
+    """Create the job for a Stripe event, exactly once.
+
+    The same event again (same user and agent) returns the existing job with
+    `created=False`. The same event for another user or agent raises
+    IdempotencyConflictError; a second job in flight for the user raises
+    ConcurrentProvisionError.
+    """
+    row = await _fetchrow(
+        _ENQUEUE,
+        agent_id=agent_id,
+        user_id=user_id,
+        stripe_event_id=stripe_event_id,
+        region=region,
+        max_retries=get_settings().max_retries if max_retries is None else max_retries,
+        actor=actor,
+    )
+    if row is None:
+        # A concurrent enqueue of this event committed after our snapshot began:
+        # its row is visible to a new statement.
+        row = await _fetchrow(_BY_STRIPE_EVENT, stripe_event_id=stripe_event_id)
+        if row is None:  # pragma: no cover - the conflicting row cannot vanish but by delete
+            raise errors.ConflictError("the job for this event was deleted concurrently")
+        job, created = _job(row), False
+    else:
+        job, created = _job(row, 1), row["created"]
+    if not created and (job.user_id != user_id or job.agent_id != agent_id):
+        raise errors.IdempotencyConflictError(
+            "this stripe_event_id was already used for another user or agent"
+        )
+    return Enqueued(job=job, created=created)
+
+
+_ACTIVE_FOR_USER = _Statement(
+    f"SELECT 1 FROM provisioning_jobs WHERE user_id = :user_id AND status IN ({_ACTIVE})"
+)
+
+
+async def check_concurrent_provision(user_id: UUID) -> None:
+    """Raise ConcurrentProvisionError if the user has a job in flight.
+
+    Advisory only (for a friendly early answer): enqueue and retry do not rely on
+    it; the partial unique index decides races.
+    """
+    if await _fetchrow(_ACTIVE_FOR_USER, user_id=user_id) is not None:
+        raise errors.ConcurrentProvisionError(CONCURRENT_PROVISION_MESSAGE)
+
+
+# --------------------------------------------------------------------------- transitions
+
+# Every row-changing statement below has the same shape: lock the row in a CTE
+# (so the old status and attempt are the latest committed ones, not a snapshot's),
+# update it only if the rules hold, record the event, and return either the moved
+# row (moved = true) or the locked row unchanged (moved = false) for the caller to
+# say why nothing moved. One round trip whatever the outcome.
+
+
+def _locked_update(set_clause: str, condition: str, event_reason: str) -> _Statement:
+    return _Statement(
+        f"""
+        WITH locked AS (
+            SELECT {JOB_COLUMNS} FROM provisioning_jobs WHERE id = :job_id FOR UPDATE
+        ), moved AS (
+            UPDATE provisioning_jobs AS j SET {set_clause}, updated_at = now()
+            FROM locked
+            WHERE j.id = locked.id AND {condition}
+            RETURNING {_J_COLUMNS}, locked.status AS from_status
+        ), event AS (
+            INSERT INTO job_events (job_id, from_status, to_status, attempt, actor, reason)
+            SELECT id, from_status, status, attempt, :actor, {event_reason} FROM moved
+        )
+        SELECT true AS moved, {JOB_COLUMNS} FROM moved
+        UNION ALL
+        SELECT false, {JOB_COLUMNS} FROM locked WHERE NOT EXISTS (SELECT 1 FROM moved)
+        """
+    )
+
+
+def _transition_statement(to: JobStatus) -> _Statement:
+    rule = TRANSITIONS[to]
+    sets = [f"status = '{to}'", "workflow_run_id = COALESCE(:workflow_run_id, j.workflow_run_id)"]
+    sets += [f"{column} = now()" for column in rule.stamps]
+    reason = ":workflow_run_id"
+    if rule.carries_failure:
+        sets += ["error = :error", "failed_step = :failed_step", "failure_reason = :failure_reason"]
+        reason = ":error"
+    condition = (
+        f"locked.status IN ({_sql_list(rule.sources)})"
+        " AND (CAST(:attempt AS integer) IS NULL OR locked.attempt = :attempt)"
+    )
+    return _locked_update(", ".join(sets), condition, reason)
+
+
+_TRANSITION_STATEMENTS = {to: _transition_statement(to) for to in TRANSITIONS}
+
+
+def _explain_unmoved(
+    row: asyncpg.Record | None, job_id: UUID, attempt: int | None, wanted: JobStatus
+) -> Job:
+    """Nothing moved: the idempotent repeat, or the error that says why."""
+    if row is None:
+        raise errors.NotFoundError("job not found", job_id=str(job_id))
+    job = _job(row, 1)
+    if attempt is not None and job.attempt != attempt:
+        raise errors.StaleAttemptError(
+            f"attempt {attempt} is not the job's current attempt {job.attempt}",
+            current_attempt=job.attempt,
+            attempt=attempt,
+        )
+    if job.status == wanted:
+        return job
+    raise errors.InvalidTransitionError(
+        f"cannot move a {job.status} job to {wanted}",
+        current_status=str(job.status),
+        requested_status=str(wanted),
+    )
+
+
+async def update_job_status(
+    job_id: UUID,
+    *,
+    status: JobStatus | str,
+    attempt: int | None,
+    workflow_run_id: str | None = None,
+    error: str | None = None,
+    failed_step: str | None = None,
+    failure_reason: FailureReason | None = None,
+    actor: str = Actor.WORKFLOW,
+) -> Job:
+    """Move a job along the state machine, for the attempt named (None: the current one).
+
+    Asking again for the status the job is in, for the same attempt, returns it
+    unchanged with no new event (callbacks get retried).
+    """
+    try:
+        wanted = JobStatus(status)
+    except ValueError:
+        raise errors.InvalidTransitionError(f"unknown status {status!r}") from None
+    if wanted not in _TRANSITION_STATEMENTS:
+        raise errors.InvalidTransitionError(
+            f"a job cannot be moved to {wanted} by a status update; use retry",
+            requested_status=str(wanted),
+        )
+    values: dict[str, Any] = {"job_id": job_id, "attempt": attempt, "actor": actor}
+    values["workflow_run_id"] = workflow_run_id
+    if TRANSITIONS[wanted].carries_failure:
+        values["error"] = error or "failed"
+        values["failed_step"] = failed_step
+        values["failure_reason"] = failure_reason or FailureReason.WORKFLOW_ERROR
+    row = await _fetchrow(_TRANSITION_STATEMENTS[wanted], **values)
+    if row is not None and row["moved"]:
+        return _job(row, 1)
+    return _explain_unmoved(row, job_id, attempt, wanted)
+
+
+_HEARTBEAT = _Statement(
+    f"""
+    WITH locked AS (
+        SELECT {JOB_COLUMNS} FROM provisioning_jobs WHERE id = :job_id FOR UPDATE
+    ), moved AS (
+        UPDATE provisioning_jobs AS j SET last_heartbeat_at = now(), updated_at = now()
+        FROM locked
+        WHERE j.id = locked.id AND locked.status = 'provisioning' AND locked.attempt = :attempt
+        RETURNING {_J_COLUMNS}
+    )
+    SELECT true AS moved, {JOB_COLUMNS} FROM moved
+    UNION ALL
+    SELECT false, {JOB_COLUMNS} FROM locked WHERE NOT EXISTS (SELECT 1 FROM moved)
+    """
+)
+
+
+async def record_heartbeat(job_id: UUID, *, attempt: int) -> Job:
+    """Note a sign of life from the workflow running this attempt.
+
+    Only a provisioning job of the same attempt takes it: one whose timeout passed
+    but which the sweeper has not failed yet is still alive, and is kept.
+    """
+    row = await _fetchrow(_HEARTBEAT, job_id=job_id, attempt=attempt)
+    if row is not None and row["moved"]:
+        return _job(row, 1)
+    if row is None:
+        raise errors.NotFoundError("job not found", job_id=str(job_id))
+    job = _job(row, 1)
+    if job.attempt != attempt:
+        raise errors.StaleAttemptError(
+            f"attempt {attempt} is not the job's current attempt {job.attempt}",
+            current_attempt=job.attempt,
+            attempt=attempt,
+        )
+    raise errors.InvalidTransitionError(
+        f"heartbeats are only taken while provisioning; the job is {job.status}",
+        current_status=str(job.status),
+    )
+
+
+_RETRY = _locked_update(
+    set_clause=(
+        "status = 'queued', retry_count = j.retry_count + 1,"
+        " max_retries = CASE WHEN :grant_extra THEN GREATEST(j.max_retries, j.retry_count + 1)"
+        " ELSE j.max_retries END,"
+        " queued_at = now(), workflow_run_id = NULL, error = NULL, failed_step = NULL,"
+        " failure_reason = NULL, claimed_at = NULL, last_heartbeat_at = NULL, completed_at = NULL"
+    ),
+    condition=(
+        f"locked.status IN ({_sql_list(RETRY_SOURCES)})"
+        " AND (locked.retry_count < locked.max_retries OR :grant_extra)"
+    ),
+    event_reason=":reason",
+)
+
+
+async def retry_job(
+    job_id: UUID,
+    *,
+    actor: str = Actor.API,
+    reason: str | None = None,
+    grant_extra_attempt: bool = False,
+) -> Job:
+    """Re-queue a failed job as its next attempt, within its retry budget.
+
+    `grant_extra_attempt` (operators only) raises max_retries when the budget is
+    spent. A second job in flight for the user raises ConcurrentProvisionError.
+    """
+    row = await _fetchrow(
+        _RETRY,
+        job_id=job_id,
+        actor=actor,
+        reason=reason or ("extra attempt granted" if grant_extra_attempt else "retry"),
+        grant_extra=grant_extra_attempt,
+    )
+    if row is not None and row["moved"]:
+        return _job(row, 1)
+    if row is None:
+        raise errors.NotFoundError("job not found", job_id=str(job_id))
+    job = _job(row, 1)
+    if job.status not in RETRY_SOURCES:
+        raise errors.InvalidTransitionError(
+            f"only failed jobs can be retried; the job is {job.status}",
+            current_status=str(job.status),
+        )
+    raise errors.RetriesExhaustedError(
+        f"retries exhausted ({job.retry_count} of {job.max_retries})",
+        retry_count=job.retry_count,
+        max_retries=job.max_retries,
+    )
+
+
+# --------------------------------------------------------------------------- timeouts
+
+# A job is stale when it was queued too long, provisioning with no sign of life
+# for the timeout, or provisioning past the hard deadline. SKIP LOCKED: a row a
+# heartbeat (or another replica's sweep) holds right now is not stale; FOR UPDATE
+# re-checks the condition on the latest version, so a heartbeat that committed
+# first wins and the job stays provisioning.
+_LAST_SIGN_OF_LIFE = "COALESCE(last_heartbeat_at, claimed_at, updated_at)"
+_STALE_CONDITION = f"""(
+    (status = 'queued' AND queued_at < now() - make_interval(secs => :queue_timeout))
+    OR (status = 'provisioning' AND (
+        {_LAST_SIGN_OF_LIFE} < now() - make_interval(secs => :timeout)
+        OR claimed_at < now() - make_interval(secs => :deadline)))
+)"""
+_STALE_FIELDS = f"""
+    CASE WHEN status = 'queued' THEN 'queue_timeout'
+         WHEN claimed_at < now() - make_interval(secs => :deadline) THEN 'deadline_exceeded'
+         ELSE 'heartbeat_timeout' END AS reason,
+    CASE WHEN status = 'queued' THEN
+             'Queue timeout: queued for '
+             || floor(extract(epoch FROM now() - queued_at))::bigint || 's'
+         WHEN claimed_at < now() - make_interval(secs => :deadline) THEN
+             'Deadline exceeded: provisioning for '
+             || floor(extract(epoch FROM now() - claimed_at))::bigint || 's'
+         ELSE 'Timeout: No heartbeat for '
+             || floor(extract(epoch FROM now() - {_LAST_SIGN_OF_LIFE}))::bigint || 's'
+    END AS error"""
+
+
+def _fail_stale(scope: str, limit: str = "") -> str:
+    return f"""
+    WITH stale AS (
+        SELECT id, status AS from_status, {_STALE_FIELDS}
+        FROM provisioning_jobs
+        WHERE {scope} AND {_STALE_CONDITION}
+        {limit}
+        FOR UPDATE SKIP LOCKED
+    ), moved AS (
+        UPDATE provisioning_jobs AS j
+        SET status = 'failed', error = stale.error, failure_reason = stale.reason,
+            completed_at = now(), updated_at = now()
+        FROM stale WHERE j.id = stale.id
+        RETURNING {_J_COLUMNS}, stale.from_status
+    ), event AS (
+        INSERT INTO job_events (job_id, from_status, to_status, attempt, actor, reason)
+        SELECT id, from_status, status, attempt, 'system', error FROM moved
+    )"""
+
+
+_SWEEP = _Statement(
+    _fail_stale("true", "LIMIT :batch")
+    + f"\n    SELECT {JOB_COLUMNS} FROM moved"
+)
+_GET_JOB_CHECKED = _Statement(
+    _fail_stale("id = :job_id")
+    + f"""
+    SELECT true AS timed_out, {JOB_COLUMNS} FROM moved
+    UNION ALL
+    SELECT false, {JOB_COLUMNS} FROM provisioning_jobs
+    WHERE id = :job_id AND NOT EXISTS (SELECT 1 FROM moved)"""
+)
+
+
+def _timeouts() -> dict[str, float]:
+    s = get_settings()
+    return {
+        "timeout": s.job_timeout_seconds,
+        "deadline": s.job_deadline_seconds,
+        "queue_timeout": s.queue_timeout_seconds,
+    }
+
+
+async def _get_job_checked(job_id: UUID) -> tuple[Job, bool]:
+    row = await _fetchrow(_GET_JOB_CHECKED, job_id=job_id, **_timeouts())
+    if row is None:
+        raise errors.NotFoundError("job not found", job_id=str(job_id))
+    return _job(row, 1), row["timed_out"]
+
+
+async def get_job(job_id: UUID) -> Job:
+    """The job, after failing it if it is stale (the dashboard's on-demand check)."""
+    job, _ = await _get_job_checked(job_id)
+    return job
+
+
+async def check_job_timeout(job_id: UUID) -> bool:
+    """Fail the job if it is stale; True if this call failed it."""
+    _, timed_out = await _get_job_checked(job_id)
+    return timed_out
+
+
+async def sweep_stale_jobs(batch_size: int = 1000) -> list[Job]:
+    """Fail every stale job (in batches of one statement each); returns those failed."""
+    failed: list[Job] = []
+    while True:
+        rows = await _fetch(_SWEEP, batch=batch_size, **_timeouts())
+        failed.extend(_job(r) for r in rows)
+        if len(rows) < batch_size:
+            return failed
+
+
+# --------------------------------------------------------------------------- reads
+
+_BY_AGENT = _Statement(
+    f"""SELECT {JOB_COLUMNS} FROM provisioning_jobs WHERE agent_id = :agent_id
+        ORDER BY created_at DESC, id DESC LIMIT 1"""
+)
+_EVENTS = _Statement(
+    """SELECT e.id, j.id, e.from_status, e.to_status, e.attempt, e.actor, e.reason, e.created_at
+       FROM provisioning_jobs j LEFT JOIN job_events e ON e.job_id = j.id
+       WHERE j.id = :job_id ORDER BY e.id"""
+)
+
+
+async def get_job_by_stripe_event_id(stripe_event_id: str) -> Job | None:
+    row = await _fetchrow(_BY_STRIPE_EVENT, stripe_event_id=stripe_event_id)
+    return None if row is None else _job(row)
+
+
+async def get_job_by_agent_id(agent_id: UUID) -> Job | None:
+    """The agent's newest job."""
+    row = await _fetchrow(_BY_AGENT, agent_id=agent_id)
+    return None if row is None else _job(row)
+
+
+async def list_job_events(job_id: UUID) -> list[JobEvent]:
+    """The job's history, oldest first; NotFoundError for an unknown job."""
+    rows = await _fetch(_EVENTS, job_id=job_id)
+    if not rows:
+        raise errors.NotFoundError("job not found", job_id=str(job_id))
+    return [JobEvent(*r) for r in rows if r[0] is not None]
+
+
+class _Cursor(msgspec.Struct, array_like=True):
+    created_at: datetime
+    id: UUID
+
+
+def _encode_cursor(job: Job) -> str:
+    raw = msgspec.json.encode(_Cursor(job.created_at, job.id))
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> _Cursor:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        return msgspec.json.decode(raw, type=_Cursor)
+    except (binascii.Error, ValueError, msgspec.DecodeError):
+        raise errors.BadRequestError("cursor is not one this service issued") from None
+
+
+_list_statements: dict[tuple[str, ...], _Statement] = {}
+
+
+def _list_statement(filters: tuple[str, ...]) -> _Statement:
+    """One statement per combination of filters, so each can use its index."""
+    statement = _list_statements.get(filters)
+    if statement is None:
+        where = [f"{name} = :{name}" for name in filters if name != "cursor"]
+        if "cursor" in filters:
+            where.append("(created_at, id) < (:cursor_created_at, :cursor_id)")
+        statement = _Statement(
+            f"""SELECT {JOB_COLUMNS} FROM provisioning_jobs
+                WHERE {" AND ".join(where) or "true"}
+                ORDER BY created_at DESC, id DESC LIMIT :limit"""
+        )
+        _list_statements[filters] = statement
+    return statement
+
+
+async def list_jobs(
+    *,
+    user_id: UUID | None = None,
+    agent_id: UUID | None = None,
+    status: JobStatus | None = None,
+    limit: int = 50,
+    cursor: str | None = None,
+) -> JobPage:
+    """Jobs newest first, keyset-paged: pass `next_cursor` back to get the next page."""
+    values: dict[str, Any] = {"user_id": user_id, "agent_id": agent_id, "status": status}
+    values = {k: v for k, v in values.items() if v is not None}
+    if cursor is not None:
+        position = _decode_cursor(cursor)
+        values |= {"cursor": True, "cursor_created_at": position.created_at,
+                   "cursor_id": position.id}
+    statement = _list_statement(tuple(values))
+    rows = await _fetch(statement, limit=limit + 1, **values)
+    items = [_job(r) for r in rows[:limit]]
+    more = len(rows) > limit
+    return JobPage(items=items, next_cursor=_encode_cursor(items[-1]) if more else None)
