@@ -7,6 +7,7 @@ first connection, not on import, and a running one is reused.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import threading
@@ -16,6 +17,7 @@ from typing import Any
 import asyncpg
 from piccolo.engine.postgres import PostgresEngine
 
+from jobs_app.errors import DatabaseUnavailableError
 from jobs_app.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -115,22 +117,51 @@ async def close_pool() -> None:
         await engine.close_connection_pool()
 
 
+# Failures that mean "the database is not there right now", not "the request is bad":
+# refused or dropped connections, pg_terminate_backend / shutdown (class 57), and
+# timeouts acquiring a connection or running a statement.
+UNAVAILABLE = (
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+)
+
+
 @contextlib.asynccontextmanager
 async def connection() -> AsyncIterator[asyncpg.Connection]:
-    """A connection for one operation: the current transaction's, a pooled one, or a new one."""
+    """A connection for one operation: the current transaction's, a pooled one, or a new one.
+
+    Connectivity failures surface as DatabaseUnavailableError (HTTP 503).
+    """
     engine = get_engine()
     transaction = engine.current_transaction.get()
     if transaction is not None:
         yield transaction.connection
-    elif engine.pool is not None:
-        async with engine.pool.acquire(timeout=get_settings().db_timeout_seconds) as conn:
-            yield conn
-    else:
-        conn = await engine.get_new_connection()
-        try:
-            yield conn
-        finally:
-            await conn.close()
+        return
+    try:
+        if engine.pool is not None:
+            async with engine.pool.acquire(timeout=get_settings().db_timeout_seconds) as conn:
+                yield conn
+        else:
+            conn = await engine.get_new_connection()
+            try:
+                yield conn
+            finally:
+                await conn.close()
+    except UNAVAILABLE as exc:
+        raise DatabaseUnavailableError("database unavailable, retry later") from exc
+
+
+async def ping(within: float = 2.0) -> bool:
+    """Whether PostgreSQL answers a trivial query within `within` seconds."""
+    try:
+        async with asyncio.timeout(within), connection() as conn:
+            await conn.fetchval("SELECT 1")
+    except (DatabaseUnavailableError, TimeoutError):
+        return False
+    return True
 
 
 async def migrate() -> None:

@@ -53,3 +53,7 @@ class StaleAttemptError(ConflictError):
 
 class InvalidReferenceError(DomainError):
     """The request names things that exist but do not belong together (an agent of another user)."""
+
+
+class DatabaseUnavailableError(DomainError):
+    """PostgreSQL could not be reached, or did not answer in time."""

@@ -505,10 +505,7 @@ def _fail_stale(scope: str, limit: str = "") -> str:
     )"""
 
 
-_SWEEP = _Statement(
-    _fail_stale("true", "LIMIT :batch")
-    + f"\n    SELECT {JOB_COLUMNS} FROM moved"
-)
+_SWEEP = _Statement(_fail_stale("true", "LIMIT :batch") + f"\n    SELECT {JOB_COLUMNS} FROM moved")
 _GET_JOB_CHECKED = _Statement(
     _fail_stale("id = :job_id")
     + f"""
@@ -614,7 +611,7 @@ def _list_statement(filters: tuple[str, ...]) -> _Statement:
     """One statement per combination of filters, so each can use its index."""
     statement = _list_statements.get(filters)
     if statement is None:
-        where = [f"{name} = :{name}" for name in filters if name != "cursor"]
+        where = [f"{name} = :{name}" for name in filters if not name.startswith("cursor")]
         if "cursor" in filters:
             where.append("(created_at, id) < (:cursor_created_at, :cursor_id)")
         statement = _Statement(
@@ -639,8 +636,11 @@ async def list_jobs(
     values = {k: v for k, v in values.items() if v is not None}
     if cursor is not None:
         position = _decode_cursor(cursor)
-        values |= {"cursor": True, "cursor_created_at": position.created_at,
-                   "cursor_id": position.id}
+        values |= {
+            "cursor": True,
+            "cursor_created_at": position.created_at,
+            "cursor_id": position.id,
+        }
     statement = _list_statement(tuple(values))
     rows = await _fetch(statement, limit=limit + 1, **values)
     items = [_job(r) for r in rows[:limit]]

@@ -1,0 +1,82 @@
+"""`jobs-app serve` and `jobs-app migrate`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from jobs_app.settings import SettingsError, get_settings
+
+
+def _migrate() -> None:
+    from jobs_app import database
+
+    asyncio.run(database.migrate())
+
+
+def _prepare_metrics_dir() -> None:
+    """Give all workers one empty prometheus multiprocess directory."""
+    path = Path(
+        os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="jobs-app-metrics-")
+    )
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
+
+
+def serve(host: str, port: int, workers: int, access_log: bool) -> None:
+    import uvicorn
+
+    settings = get_settings().require_secrets()
+    # Workers are fresh processes that read the environment: hand them the secrets
+    # dev mode may have generated, so every worker agrees.
+    os.environ["JOBS_API_TOKEN"] = settings.api_token
+    os.environ["JOBS_CALLBACK_SECRET"] = settings.callback_secret
+    os.environ["STRIPE_WEBHOOK_SECRET"] = settings.stripe_webhook_secret
+    _migrate()
+    _prepare_metrics_dir()
+    uvicorn.run(
+        "jobs_app.app:app",
+        host=host,
+        port=port,
+        workers=workers,
+        loop="uvloop",
+        http="httptools",
+        access_log=access_log,
+        proxy_headers=False,
+        timeout_graceful_shutdown=10,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="jobs-app", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve_cmd = commands.add_parser("serve", help="migrate, then serve the API and admin")
+    serve_cmd.add_argument("--host", default="127.0.0.1")
+    serve_cmd.add_argument("--port", type=int, default=8000)
+    serve_cmd.add_argument("--workers", type=int, default=1)
+    serve_cmd.add_argument("--access-log", action="store_true", help="log every request")
+    commands.add_parser("migrate", help="apply all migrations (safe to run concurrently)")
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        if args.command == "serve":
+            serve(args.host, args.port, args.workers, args.access_log)
+        elif args.command == "migrate":
+            _migrate()
+    except SettingsError as exc:
+        print(f"jobs-app: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

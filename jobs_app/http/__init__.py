@@ -1,0 +1,1 @@
+"""The HTTP layer: Litestar controllers over the service layer; no SQL here."""

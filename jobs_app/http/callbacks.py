@@ -1,0 +1,55 @@
+"""Routes for the provisioning workflow: status changes and heartbeats.
+
+Signed, not bearer-authenticated: the guard verifies X-Signature over the raw body
+before the body is decoded, so a bad signature is a 401 whatever the body holds.
+"""
+
+from __future__ import annotations
+
+from uuid import UUID
+
+from litestar import Controller, post
+from litestar.params import JSONBody
+from litestar.status_codes import HTTP_200_OK, HTTP_204_NO_CONTENT
+
+from jobs_app import queue
+from jobs_app.http.auth import require_signature
+from jobs_app.http.errors import error_responses
+from jobs_app.http.schemas import Heartbeat, Job, StatusCallback
+from jobs_app.lifecycle import Actor
+
+
+class CallbackController(Controller):
+    path = "/api/callbacks/jobs"
+    guards = [require_signature]  # noqa: RUF012
+    tags = ["workflow callbacks"]  # noqa: RUF012
+
+    @post(
+        "/{job_id:uuid}/status",
+        status_code=HTTP_200_OK,
+        responses=error_responses(401, 404, 409, 413),
+    )
+    async def report_status(self, job_id: UUID, data: JSONBody[StatusCallback]) -> Job:
+        """Move the job for this attempt: provisioning, running or failed.
+
+        A repeat of the job's current state is answered 200 unchanged; an illegal
+        move or another attempt than the current one is 409 (the body says which).
+        """
+        return await queue.update_job_status(
+            job_id,
+            status=data.status,
+            attempt=data.attempt,
+            workflow_run_id=data.workflow_run_id,
+            error=data.error,
+            failed_step=data.failed_step,
+            actor=Actor.WORKFLOW,
+        )
+
+    @post(
+        "/{job_id:uuid}/heartbeat",
+        status_code=HTTP_204_NO_CONTENT,
+        responses=error_responses(401, 404, 409, 413),
+    )
+    async def heartbeat(self, job_id: UUID, data: JSONBody[Heartbeat]) -> None:
+        """A sign of life from the workflow running this attempt."""
+        await queue.record_heartbeat(job_id, attempt=data.attempt)

@@ -1,0 +1,81 @@
+"""The one map from errors to HTTP answers. Every error body is an ErrorBody:
+`{status_code, detail, extra}`; nothing internal (SQL, secrets, tracebacks) leaks."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from litestar import MediaType, Request, Response
+from litestar.exceptions import HTTPException
+from litestar.openapi import ResponseSpec
+from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
+
+from jobs_app import errors
+from jobs_app.http.schemas import ErrorBody
+
+log = logging.getLogger("jobs_app.http")
+
+STATUS_BY_ERROR: dict[type[errors.DomainError], int] = {
+    errors.BadRequestError: 400,
+    errors.NotFoundError: 404,
+    errors.ConflictError: 409,  # and its subclasses: concurrent provision, stale attempt, ...
+    errors.InvalidReferenceError: 422,
+    errors.DatabaseUnavailableError: 503,
+}
+
+_DESCRIPTIONS = {
+    400: "Bad input: the body says what was wrong",
+    401: "Missing or invalid credentials or signature",
+    404: "Not found",
+    409: "Conflicts with the job's current state",
+    413: "Request body too large",
+    422: "Names things that do not belong together",
+    503: "Database unavailable; retry later",
+}
+
+
+def error_responses(*codes: int) -> dict[int, ResponseSpec]:
+    """OpenAPI entries for the error answers a route can give (always 400 and 503 too)."""
+    return {
+        code: ResponseSpec(ErrorBody, description=_DESCRIPTIONS[code])
+        for code in sorted({*codes, 400, 503})
+    }
+
+
+def _error(status_code: int, detail: str, extra: Any = None, **kw: Any) -> Response[ErrorBody]:
+    return Response(
+        ErrorBody(status_code=status_code, detail=detail, extra=extra or None),
+        status_code=status_code,
+        media_type=MediaType.JSON,
+        **kw,
+    )
+
+
+def domain_error_handler(_: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:
+    assert isinstance(exc, errors.DomainError)
+    status = next((code for cls, code in STATUS_BY_ERROR.items() if isinstance(exc, cls)), 400)
+    if status == 503:
+        log.warning("database unavailable: %s", exc.__cause__ or exc)
+    return _error(
+        status, exc.message, exc.extra, headers={"Retry-After": "1"} if status == 503 else None
+    )
+
+
+def http_exception_handler(_: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:
+    assert isinstance(exc, HTTPException)
+    return _error(exc.status_code, exc.detail, exc.extra, headers=exc.headers)
+
+
+def unexpected_error_handler(
+    request: Request[Any, Any, Any], exc: Exception
+) -> Response[ErrorBody]:
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return _error(HTTP_500_INTERNAL_SERVER_ERROR, "internal server error")
+
+
+EXCEPTION_HANDLERS: dict[type[Exception], Any] = {
+    errors.DomainError: domain_error_handler,
+    HTTPException: http_exception_handler,
+    Exception: unexpected_error_handler,
+}

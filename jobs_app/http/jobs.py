@@ -1,0 +1,118 @@
+"""Dashboard and internal routes: users, agents, jobs, retries, history."""
+
+from __future__ import annotations
+
+from typing import Annotated
+from uuid import UUID
+
+from litestar import Controller, Response, get, post
+from litestar.openapi import ResponseSpec
+from litestar.params import JSONBody, Parameter
+from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED
+
+from jobs_app import queue
+from jobs_app.errors import NotFoundError
+from jobs_app.http.auth import require_api_token
+from jobs_app.http.errors import error_responses
+from jobs_app.http.schemas import (
+    Agent,
+    CreateAgent,
+    CreateJob,
+    CreateUser,
+    EventList,
+    Job,
+    JobPage,
+    User,
+)
+from jobs_app.lifecycle import Actor, JobStatus
+
+
+class UserController(Controller):
+    path = "/api/users"
+    guards = [require_api_token]  # noqa: RUF012
+    security = [{"bearer": []}]  # noqa: RUF012
+    tags = ["users"]  # noqa: RUF012
+
+    @post(responses=error_responses(401, 409))
+    async def create_user(self, data: JSONBody[CreateUser]) -> User:
+        """Create a customer account (email is unique)."""
+        return await queue.create_user(data.email)
+
+
+class AgentController(Controller):
+    path = "/api/agents"
+    guards = [require_api_token]  # noqa: RUF012
+    security = [{"bearer": []}]  # noqa: RUF012
+    tags = ["agents"]  # noqa: RUF012
+
+    @post(responses=error_responses(401, 404))
+    async def create_agent(self, data: JSONBody[CreateAgent]) -> Agent:
+        """Create an agent for a user."""
+        return await queue.create_agent(data.user_id, data.name)
+
+    @get("/{agent_id:uuid}/job", responses=error_responses(401, 404))
+    async def agent_job(self, agent_id: UUID) -> Job:
+        """The agent's newest job."""
+        job = await queue.get_job_by_agent_id(agent_id)
+        if job is None:
+            raise NotFoundError("this agent has no job", agent_id=str(agent_id))
+        return job
+
+
+class JobController(Controller):
+    path = "/api/jobs"
+    guards = [require_api_token]  # noqa: RUF012
+    security = [{"bearer": []}]  # noqa: RUF012
+    tags = ["jobs"]  # noqa: RUF012
+
+    @post(
+        status_code=HTTP_201_CREATED,
+        responses={
+            HTTP_200_OK: ResponseSpec(Job, description="Replay: the job this event created"),
+            **error_responses(401, 404, 409, 422),
+        },
+    )
+    async def create_job(self, data: JSONBody[CreateJob]) -> Response[Job]:
+        """Enqueue a provisioning job, once per Stripe event id.
+
+        201 when created; 200 with the same job when the event was seen before;
+        409 when the user already has a job in flight.
+        """
+        result = await queue.enqueue_provisioning_job(
+            agent_id=data.agent_id,
+            user_id=data.user_id,
+            stripe_event_id=data.stripe_event_id,
+            region=data.region,
+            actor=Actor.API,
+        )
+        return Response(result.job, status_code=HTTP_201_CREATED if result.created else HTTP_200_OK)
+
+    @get(responses=error_responses(400, 401))
+    async def list_jobs(
+        self,
+        user_id: UUID | None = None,
+        agent_id: UUID | None = None,
+        status: JobStatus | None = None,
+        limit: Annotated[int, Parameter(ge=1, le=200)] = 50,
+        cursor: Annotated[str | None, Parameter(max_length=512)] = None,
+    ) -> JobPage:
+        """Jobs newest first, keyset-paged: pass `next_cursor` back as `cursor`."""
+        return await queue.list_jobs(
+            user_id=user_id, agent_id=agent_id, status=status, limit=limit, cursor=cursor
+        )
+
+    @get("/{job_id:uuid}", responses=error_responses(401, 404))
+    async def get_job(self, job_id: UUID) -> Job:
+        """The job, after an on-demand timeout check (a stale job comes back failed)."""
+        return await queue.get_job(job_id)
+
+    @get("/{job_id:uuid}/events", responses=error_responses(401, 404))
+    async def job_events(self, job_id: UUID) -> EventList:
+        """The job's history, oldest first."""
+        return EventList(items=await queue.list_job_events(job_id))
+
+    @post("/{job_id:uuid}/retry", status_code=HTTP_200_OK, responses=error_responses(401, 404, 409))
+    async def retry_job(self, job_id: UUID) -> Job:
+        """Re-queue a failed job as its next attempt (409 if not failed, retries
+        exhausted, or the user has another job in flight)."""
+        return await queue.retry_job(job_id, actor=Actor.API)
