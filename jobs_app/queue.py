@@ -22,7 +22,7 @@ from uuid import UUID
 import asyncpg
 import msgspec
 
-from jobs_app import errors
+from jobs_app import errors, metrics
 from jobs_app.database import connection
 from jobs_app.lifecycle import (
     ACTIVE_STATUSES,
@@ -216,15 +216,23 @@ async def enqueue_provisioning_job(
     IdempotencyConflictError; a second job in flight for the user raises
     ConcurrentProvisionError.
     """
-    row = await _fetchrow(
-        _ENQUEUE,
-        agent_id=agent_id,
-        user_id=user_id,
-        stripe_event_id=stripe_event_id,
-        region=region,
-        max_retries=get_settings().max_retries if max_retries is None else max_retries,
-        actor=actor,
-    )
+    try:
+        row = await _fetchrow(
+            _ENQUEUE,
+            agent_id=agent_id,
+            user_id=user_id,
+            stripe_event_id=stripe_event_id,
+            region=region,
+            max_retries=get_settings().max_retries if max_retries is None else max_retries,
+            actor=actor,
+        )
+    except errors.ConcurrentProvisionError:
+        # ON CONFLICT arbitrates stripe_event_id only: when a concurrent call for this
+        # same event inserts first, ours can trip the one-active-job index instead
+        # (it waits for that insert to commit, then fails). Then this call is a replay.
+        if await _fetchrow(_BY_STRIPE_EVENT, stripe_event_id=stripe_event_id) is None:
+            raise
+        row = None
     if row is None:
         # A concurrent enqueue of this event committed after our snapshot began:
         # its row is visible to a new statement.
@@ -238,6 +246,8 @@ async def enqueue_provisioning_job(
         raise errors.IdempotencyConflictError(
             "this stripe_event_id was already used for another user or agent"
         )
+    if created:
+        metrics.TRANSITIONS.labels(JobStatus.QUEUED).inc()
     return Enqueued(job=job, created=created)
 
 
@@ -359,6 +369,7 @@ async def update_job_status(
         values["failure_reason"] = failure_reason or FailureReason.WORKFLOW_ERROR
     row = await _fetchrow(_TRANSITION_STATEMENTS[wanted], **values)
     if row is not None and row["moved"]:
+        metrics.TRANSITIONS.labels(wanted).inc()
         return _job(row, 1)
     return _explain_unmoved(row, job_id, attempt, wanted)
 
@@ -440,6 +451,7 @@ async def retry_job(
         grant_extra=grant_extra_attempt,
     )
     if row is not None and row["moved"]:
+        metrics.TRANSITIONS.labels(JobStatus.QUEUED).inc()
         return _job(row, 1)
     if row is None:
         raise errors.NotFoundError("job not found", job_id=str(job_id))
@@ -525,11 +537,19 @@ def _timeouts() -> dict[str, float]:
     }
 
 
+def _count_stale(job: Job) -> None:
+    metrics.TRANSITIONS.labels(JobStatus.FAILED).inc()
+    metrics.STALE_FAILED.labels(job.failure_reason).inc()
+
+
 async def _get_job_checked(job_id: UUID) -> tuple[Job, bool]:
     row = await _fetchrow(_GET_JOB_CHECKED, job_id=job_id, **_timeouts())
     if row is None:
         raise errors.NotFoundError("job not found", job_id=str(job_id))
-    return _job(row, 1), row["timed_out"]
+    job = _job(row, 1)
+    if row["timed_out"]:
+        _count_stale(job)
+    return job, row["timed_out"]
 
 
 async def get_job(job_id: UUID) -> Job:
@@ -549,7 +569,9 @@ async def sweep_stale_jobs(batch_size: int = 1000) -> list[Job]:
     failed: list[Job] = []
     while True:
         rows = await _fetch(_SWEEP, batch=batch_size, **_timeouts())
-        failed.extend(_job(r) for r in rows)
+        for job in map(_job, rows):
+            _count_stale(job)
+            failed.append(job)
         if len(rows) < batch_size:
             return failed
 

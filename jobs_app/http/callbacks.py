@@ -9,7 +9,7 @@ from __future__ import annotations
 from uuid import UUID
 
 from litestar import Controller, post
-from litestar.params import JSONBody
+from litestar.params import FromPath, JSONBody
 from litestar.status_codes import HTTP_200_OK, HTTP_204_NO_CONTENT
 
 from jobs_app import queue
@@ -29,7 +29,7 @@ class CallbackController(Controller):
         status_code=HTTP_200_OK,
         responses=error_responses(401, 404, 409, 413),
     )
-    async def report_status(self, job_id: UUID, data: JSONBody[StatusCallback]) -> Job:
+    async def report_status(self, job_id: FromPath[UUID], data: JSONBody[StatusCallback]) -> Job:
         """Move the job for this attempt: provisioning, running or failed.
 
         A repeat of the job's current state is answered 200 unchanged; an illegal
@@ -50,6 +50,6 @@ class CallbackController(Controller):
         status_code=HTTP_204_NO_CONTENT,
         responses=error_responses(401, 404, 409, 413),
     )
-    async def heartbeat(self, job_id: UUID, data: JSONBody[Heartbeat]) -> None:
+    async def heartbeat(self, job_id: FromPath[UUID], data: JSONBody[Heartbeat]) -> None:
         """A sign of life from the workflow running this attempt."""
         await queue.record_heartbeat(job_id, attempt=data.attempt)

@@ -7,7 +7,7 @@ from uuid import UUID
 
 from litestar import Controller, Response, get, post
 from litestar.openapi import ResponseSpec
-from litestar.params import JSONBody, Parameter
+from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED
 
 from jobs_app import queue
@@ -51,7 +51,7 @@ class AgentController(Controller):
         return await queue.create_agent(data.user_id, data.name)
 
     @get("/{agent_id:uuid}/job", responses=error_responses(401, 404))
-    async def agent_job(self, agent_id: UUID) -> Job:
+    async def agent_job(self, agent_id: FromPath[UUID]) -> Job:
         """The agent's newest job."""
         job = await queue.get_job_by_agent_id(agent_id)
         if job is None:
@@ -90,11 +90,11 @@ class JobController(Controller):
     @get(responses=error_responses(400, 401))
     async def list_jobs(
         self,
-        user_id: UUID | None = None,
-        agent_id: UUID | None = None,
-        status: JobStatus | None = None,
-        limit: Annotated[int, Parameter(ge=1, le=200)] = 50,
-        cursor: Annotated[str | None, Parameter(max_length=512)] = None,
+        user_id: FromQuery[UUID | None] = None,
+        agent_id: FromQuery[UUID | None] = None,
+        status: FromQuery[JobStatus | None] = None,
+        limit: Annotated[int, QueryParameter(ge=1, le=200)] = 50,
+        cursor: Annotated[str | None, QueryParameter(max_length=512)] = None,
     ) -> JobPage:
         """Jobs newest first, keyset-paged: pass `next_cursor` back as `cursor`."""
         return await queue.list_jobs(
@@ -102,17 +102,17 @@ class JobController(Controller):
         )
 
     @get("/{job_id:uuid}", responses=error_responses(401, 404))
-    async def get_job(self, job_id: UUID) -> Job:
+    async def get_job(self, job_id: FromPath[UUID]) -> Job:
         """The job, after an on-demand timeout check (a stale job comes back failed)."""
         return await queue.get_job(job_id)
 
     @get("/{job_id:uuid}/events", responses=error_responses(401, 404))
-    async def job_events(self, job_id: UUID) -> EventList:
+    async def job_events(self, job_id: FromPath[UUID]) -> EventList:
         """The job's history, oldest first."""
         return EventList(items=await queue.list_job_events(job_id))
 
     @post("/{job_id:uuid}/retry", status_code=HTTP_200_OK, responses=error_responses(401, 404, 409))
-    async def retry_job(self, job_id: UUID) -> Job:
+    async def retry_job(self, job_id: FromPath[UUID]) -> Job:
         """Re-queue a failed job as its next attempt (409 if not failed, retries
         exhausted, or the user has another job in flight)."""
         return await queue.retry_job(job_id, actor=Actor.API)

@@ -4,7 +4,7 @@ before anything touches the database."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 from uuid import UUID
 
 import msgspec
@@ -94,4 +94,4 @@ class ErrorBody(msgspec.Struct, omit_defaults=True):
 
     status_code: int
     detail: str
-    extra: dict[str, object] | list[object] | None = None
+    extra: dict[str, Any] | list[Any] | None = None

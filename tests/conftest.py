@@ -1,0 +1,210 @@
+"""Test set-up: a fresh PostgreSQL database per run, migrated the way production is.
+
+The server is DATABASE_URL's (CI: the machine's PostgreSQL) or, without it, the
+embedded one. The database is created here, before any jobs_app settings are read,
+and dropped at the end. Each test starts from empty tables (TRUNCATE), never a
+wrapping transaction, so constraint errors and real commits behave as in production.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+from jobs_app.settings import load_settings
+
+
+def with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+def _server_url() -> str:
+    settings = load_settings()
+    if settings.database_url:
+        return settings.database_url
+    from jobs_app.database import embedded_database_url
+
+    return embedded_database_url(settings)
+
+
+SERVER_URL = _server_url()
+TEST_DB = f"jobs_app_test_{uuid.uuid4().hex[:10]}"
+TEST_DATABASE_URL = with_database(SERVER_URL, TEST_DB)
+ADMIN_URL = with_database(SERVER_URL, "postgres")
+
+# Every jobs_app module reads settings from here on.
+os.environ["DATABASE_URL"] = TEST_DATABASE_URL
+os.environ["JOBS_API_TOKEN"] = "test-api-token"
+os.environ["JOBS_CALLBACK_SECRET"] = "test-callback-secret"
+os.environ["STRIPE_WEBHOOK_SECRET"] = "whsec_test_secret"
+os.environ["DB_POOL_MAX_SIZE"] = "30"
+
+TABLES = "job_events, provisioning_jobs, agents, users"
+
+
+async def _create_database() -> None:
+    conn = await asyncpg.connect(ADMIN_URL)
+    try:
+        await conn.execute(f'CREATE DATABASE "{TEST_DB}"')
+    finally:
+        await conn.close()
+
+
+async def _drop_database() -> None:
+    conn = await asyncpg.connect(ADMIN_URL)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{TEST_DB}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+async def database() -> AsyncIterator[str]:
+    """The migrated test database's URL, with the app's pool open on it."""
+    from jobs_app import database as db
+
+    await _create_database()
+    try:
+        await db.migrate()
+        await db.start_pool()
+        yield TEST_DATABASE_URL
+        await db.close_pool()
+    finally:
+        await _drop_database()
+
+
+@pytest.fixture
+async def db(database: str) -> AsyncIterator[asyncpg.Connection]:
+    """A separate raw connection for arranging and asserting, on empty tables."""
+    conn = await asyncpg.connect(database)
+    await conn.execute(f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE")
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def user_agent(db: asyncpg.Connection) -> tuple[uuid.UUID, uuid.UUID]:
+    """A user with one agent."""
+    from jobs_app import queue
+
+    user = await queue.create_user(f"user-{uuid.uuid4().hex[:8]}@example.com")
+    agent = await queue.create_agent(user.id, "agent")
+    return user.id, agent.id
+
+
+async def gather_outcomes(coros: list) -> list:  # type: ignore[type-arg]
+    """Run coroutines concurrently; exceptions come back as values."""
+    return await asyncio.gather(*coros, return_exceptions=True)
+
+
+# --------------------------------------------------------------------------- HTTP
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServerProcess:
+    """A real `jobs-app serve` process on loopback, on the test database."""
+
+    def __init__(self, database_url: str, workers: int = 1, **env: str) -> None:
+        import subprocess
+        import sys
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        full_env = {
+            **os.environ,
+            "DATABASE_URL": database_url,
+            "DB_POOL_MAX_SIZE": "8",
+            "PROMETHEUS_MULTIPROC_DIR": "",
+            **env,
+        }
+        full_env.pop("PROMETHEUS_MULTIPROC_DIR")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "jobs_app.cli",
+                "serve",
+                "--port",
+                str(self.port),
+                "--workers",
+                str(workers),
+            ],
+            env=full_env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+
+    async def wait_ready(self, within: float = 30.0) -> None:
+        import httpx
+
+        deadline = asyncio.get_running_loop().time() + within
+        async with httpx.AsyncClient() as client:
+            while True:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"server exited: {self.proc.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
+                try:
+                    if (await client.get(f"{self.url}/health", timeout=1)).status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                if asyncio.get_running_loop().time() > deadline:
+                    raise TimeoutError("server did not become healthy")
+                await asyncio.sleep(0.1)  # polling a starting process, not synchronising tests
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=15)
+        except Exception:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+async def start_server(database: str) -> AsyncIterator:  # type: ignore[type-arg]
+    """Factory: `await start_server(workers=2, SWEEP_INTERVAL_SECONDS="0.2")` -> ServerProcess."""
+    servers: list[ServerProcess] = []
+
+    async def start(workers: int = 1, **env: str) -> ServerProcess:
+        server = ServerProcess(database, workers, **env)
+        servers.append(server)
+        await server.wait_ready()
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+async def client(database: str) -> AsyncIterator:  # type: ignore[type-arg]
+    """An httpx client on the app in this process and event loop (the pool is the session's)."""
+    import httpx
+
+    from jobs_app.http.app import create_app
+
+    app = create_app(run_sweeper=False)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+        yield c
+
+
+API_HEADERS = {"Authorization": "Bearer test-api-token"}
+CALLBACK_SECRET = "test-callback-secret"
+STRIPE_SECRET = "whsec_test_secret"
