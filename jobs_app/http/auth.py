@@ -23,7 +23,9 @@ def settings_of(connection: ASGIConnection[Any, Any, Any, Any]) -> Settings:
     return cast(Settings, connection.app.state.settings)
 
 
-def require_api_token(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+def require_api_token(
+    connection: ASGIConnection[Any, Any, Any, Any], _handler: BaseRouteHandler
+) -> None:
     """Guard: `Authorization: Bearer $JOBS_API_TOKEN`."""
     expected = settings_of(connection).api_token.encode()
     scheme, _, token = connection.headers.get("authorization", "").partition(" ")
@@ -72,7 +74,7 @@ def verify_signature(
 
 
 async def require_signature(
-    connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler
+    connection: ASGIConnection[Any, Any, Any, Any], _handler: BaseRouteHandler
 ) -> None:
     """Guard for workflow callbacks: verify the raw body before anything parses it."""
     settings = settings_of(connection)

@@ -10,6 +10,7 @@ from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException
 from litestar.openapi import ResponseSpec
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
+from litestar.types import ExceptionHandlersMap
 
 from jobs_app import errors
 from jobs_app.http.schemas import ErrorBody
@@ -74,7 +75,7 @@ def unexpected_error_handler(
     return _error(HTTP_500_INTERNAL_SERVER_ERROR, "internal server error")
 
 
-EXCEPTION_HANDLERS: dict[type[Exception], Any] = {
+EXCEPTION_HANDLERS: ExceptionHandlersMap = {
     errors.DomainError: domain_error_handler,
     HTTPException: http_exception_handler,
     Exception: unexpected_error_handler,
