@@ -39,6 +39,7 @@ def serve(host: str, port: int, workers: int, access_log: bool) -> None:
     os.environ["JOBS_API_TOKEN"] = settings.api_token
     os.environ["JOBS_CALLBACK_SECRET"] = settings.callback_secret
     os.environ["STRIPE_WEBHOOK_SECRET"] = settings.stripe_webhook_secret
+    get_settings.cache_clear()  # a worker in this process must read them back, not regenerate
     _migrate()
     _prepare_metrics_dir()
     uvicorn.run(
