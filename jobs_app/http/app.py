@@ -13,6 +13,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 
 from jobs_app import database, sweeper
+from jobs_app.admin import admin_route_handlers
 from jobs_app.http.callbacks import CallbackController
 from jobs_app.http.errors import EXCEPTION_HANDLERS
 from jobs_app.http.jobs import AgentController, JobController, UserController
@@ -52,6 +53,7 @@ def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) ->
             stripe_webhook,
             health,
             prometheus_metrics,
+            *admin_route_handlers(settings),
         ],
         lifespan=[lifespan],
         exception_handlers=EXCEPTION_HANDLERS,
