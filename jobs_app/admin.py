@@ -247,29 +247,18 @@ async def fail_job(request: Request, data: FailJobForm) -> str:
     job_id = _job_id(data.job_id)
     reason = _reason(data.reason)
     try:
-        current = await queue.get_job(job_id)
-        if current.status == JobStatus.FAILED:
-            # update_job_status treats "failed again" as an idempotent repeat; here
-            # it would record nothing, so say so instead of claiming success.
-            raise ValueError(
-                f"Fail refused for job {job_id}: it is already failed "
-                f"({current.failure_reason}: {current.error}). Nothing was changed."
-            )
+        # Whatever attempt is current; an already failed job is refused, not repeated.
         job = await queue.update_job_status(
             job_id,
             status=JobStatus.FAILED,
-            attempt=current.attempt,
+            attempt=None,
             error=reason,
             failure_reason=FailureReason.OPERATOR,
             actor=actor,
+            repeat_ok=False,
         )
     except DomainError as exc:
         raise _refused("Fail", job_id, exc) from exc
-    if job.failure_reason != FailureReason.OPERATOR:
-        raise ValueError(
-            f"Job {job_id} was failed meanwhile ({job.failure_reason}: {job.error}). "
-            "Nothing was changed."
-        )
     return f"Job {job.id} failed by {actor}: {_describe(job)}."
 
 

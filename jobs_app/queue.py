@@ -125,6 +125,10 @@ _CONSTRAINT_ERRORS: dict[str, tuple[type[errors.DomainError], str]] = {
     ),
     "agents_user_id_fkey": (errors.NotFoundError, "user not found"),
     "users_email_key": (errors.DuplicateError, "a user with this email already exists"),
+    "job_events_actor_check": (
+        errors.BadRequestError,
+        "actor must be system, workflow, api or operator:<name>",
+    ),
     "provisioning_jobs_retry_count_check": (
         errors.RetriesExhaustedError,
         "retries exhausted",
@@ -226,22 +230,21 @@ async def enqueue_provisioning_job(
             max_retries=get_settings().max_retries if max_retries is None else max_retries,
             actor=actor,
         )
-    except errors.ConcurrentProvisionError:
+        concurrent: errors.ConcurrentProvisionError | None = None
+    except errors.ConcurrentProvisionError as exc:
         # ON CONFLICT arbitrates stripe_event_id only: when a concurrent call for this
         # same event inserts first, ours can trip the one-active-job index instead
         # (it waits for that insert to commit, then fails). Then this call is a replay.
-        if await _fetchrow(_BY_STRIPE_EVENT, stripe_event_id=stripe_event_id) is None:
-            raise
-        row = None
-    if row is None:
-        # A concurrent enqueue of this event committed after our snapshot began:
-        # its row is visible to a new statement.
-        row = await _fetchrow(_BY_STRIPE_EVENT, stripe_event_id=stripe_event_id)
-        if row is None:  # pragma: no cover - the conflicting row cannot vanish but by delete
-            raise errors.ConflictError("the job for this event was deleted concurrently")
-        job, created = _job(row), False
-    else:
+        row, concurrent = None, exc
+    if row is not None:
         job, created = _job(row, 1), row["created"]
+    else:
+        # Lost a race for this event to a call that committed after our statement's
+        # snapshot was taken: a new statement sees its row.
+        replay = await _fetchrow(_BY_STRIPE_EVENT, stripe_event_id=stripe_event_id)
+        if replay is None:
+            raise concurrent or errors.ConflictError("the job for this event was deleted")
+        job, created = _job(replay), False
     if not created and (job.user_id != user_id or job.agent_id != agent_id):
         raise errors.IdempotencyConflictError(
             "this stripe_event_id was already used for another user or agent"
@@ -315,7 +318,12 @@ _TRANSITION_STATEMENTS = {to: _transition_statement(to) for to in TRANSITIONS}
 
 
 def _explain_unmoved(
-    row: asyncpg.Record | None, job_id: UUID, attempt: int | None, wanted: JobStatus
+    row: asyncpg.Record | None,
+    job_id: UUID,
+    attempt: int | None,
+    wanted: JobStatus,
+    *,
+    repeat_ok: bool = True,
 ) -> Job:
     """Nothing moved: the idempotent repeat, or the error that says why."""
     if row is None:
@@ -327,10 +335,12 @@ def _explain_unmoved(
             current_attempt=job.attempt,
             attempt=attempt,
         )
-    if job.status == wanted:
+    if job.status == wanted and repeat_ok:
         return job
     raise errors.InvalidTransitionError(
-        f"cannot move a {job.status} job to {wanted}",
+        f"the job is already {wanted}"
+        if job.status == wanted
+        else f"cannot move a {job.status} job to {wanted}",
         current_status=str(job.status),
         requested_status=str(wanted),
     )
@@ -346,11 +356,13 @@ async def update_job_status(
     failed_step: str | None = None,
     failure_reason: FailureReason | None = None,
     actor: str = Actor.WORKFLOW,
+    repeat_ok: bool = True,
 ) -> Job:
     """Move a job along the state machine, for the attempt named (None: the current one).
 
     Asking again for the status the job is in, for the same attempt, returns it
-    unchanged with no new event (callbacks get retried).
+    unchanged with no new event (callbacks get retried); with `repeat_ok=False`
+    (an operator's explicit action) that is an InvalidTransitionError instead.
     """
     try:
         wanted = JobStatus(status)
@@ -371,7 +383,7 @@ async def update_job_status(
     if row is not None and row["moved"]:
         metrics.TRANSITIONS.labels(wanted).inc()
         return _job(row, 1)
-    return _explain_unmoved(row, job_id, attempt, wanted)
+    return _explain_unmoved(row, job_id, attempt, wanted, repeat_ok=repeat_ok)
 
 
 _HEARTBEAT = _Statement(
@@ -654,6 +666,8 @@ async def list_jobs(
     cursor: str | None = None,
 ) -> JobPage:
     """Jobs newest first, keyset-paged: pass `next_cursor` back to get the next page."""
+    if limit < 1:
+        raise errors.BadRequestError("limit must be at least 1")
     values: dict[str, Any] = {"user_id": user_id, "agent_id": agent_id, "status": status}
     values = {k: v for k, v in values.items() if v is not None}
     if cursor is not None:

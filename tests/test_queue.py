@@ -1032,3 +1032,39 @@ def _b64(raw: bytes) -> str:
 async def test_list_jobs_bad_cursor(db, cursor) -> None:
     with pytest.raises(errors.BadRequestError):
         await queue.list_jobs(cursor=cursor)
+
+
+async def test_operator_fail_refuses_an_already_failed_job(user_agent, db):
+    user_id, agent_id = user_agent
+    job = (
+        await queue.enqueue_provisioning_job(
+            agent_id=agent_id, user_id=user_id, stripe_event_id="evt_op"
+        )
+    ).job
+    await queue.update_job_status(job.id, status="failed", attempt=1, error="boom")
+    with pytest.raises(errors.InvalidTransitionError, match="already failed"):
+        await queue.update_job_status(
+            job.id,
+            status="failed",
+            attempt=None,
+            error="operator says",
+            failure_reason=FailureReason.OPERATOR,
+            actor="operator:ann",
+            repeat_ok=False,
+        )
+    assert await db.fetchval("SELECT error FROM provisioning_jobs") == "boom"
+    assert await db.fetchval("SELECT count(*) FROM job_events") == 2
+
+
+async def test_list_jobs_refuses_a_limit_below_one(db):
+    with pytest.raises(errors.BadRequestError):
+        await queue.list_jobs(limit=0)
+
+
+async def test_bad_actor_is_a_domain_error(user_agent, db):
+    user_id, agent_id = user_agent
+    with pytest.raises(errors.BadRequestError, match="actor"):
+        await queue.enqueue_provisioning_job(
+            agent_id=agent_id, user_id=user_id, stripe_event_id="evt_actor", actor="nobody"
+        )
+    assert await db.fetchval("SELECT count(*) FROM provisioning_jobs") == 0
