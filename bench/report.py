@@ -1,0 +1,191 @@
+"""The results as a text table (the JSON holds the same figures, and the samples)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+
+def _fmt(value: Any, spec: str = ",.0f") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
+    if isinstance(value, int | float):
+        return format(value, spec)
+    return str(value)
+
+
+def _table(headers: Sequence[str], rows: list[Sequence[str]]) -> list[str]:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        first = cells[0].ljust(widths[0])
+        rest = [c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True)]
+        return "  ".join([first, *rest]).rstrip()
+
+    return [line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)]
+
+
+def render(results: dict[str, Any]) -> str:
+    out: list[str] = []
+    meta = results.get("meta", {})
+    out.append(
+        f"jobs_app bench  {meta.get('started', '')}  {meta.get('cpus', '?')} CPUs"
+        f"  load {meta.get('load_before', '?')}  {meta.get('postgres', '')}"
+    )
+    out.append(f"command: {meta.get('command', '')}")
+    sections = results.get("sections", {})
+    for key, title, renderer in _SECTIONS:
+        if key not in sections:
+            continue
+        section = sections[key]
+        out.append("")
+        if "error" in section:
+            out.append(f"{title}: FAILED: {section['error']}")
+            continue
+        out.extend(renderer(title, section))
+    return "\n".join(out)
+
+
+def _service(title: str, s: dict[str, Any]) -> list[str]:
+    how = f"{s['duration_s']} s" if s.get("ops") is None else f"{s['ops']} ops"
+    head = (
+        f"{title} ({s['concurrency']} tasks, pool {s['pool_size']},"
+        f" {s['rounds']} rounds of {how} per side; medians, ratio = median of per-round"
+        f" ratios; target >= {s['target']})"
+    )
+    rows = [
+        [
+            r["operation"],
+            _fmt(r["service_ops_s"]),
+            _fmt(r["raw_ops_s"]),
+            _fmt(r["ratio"], ".2f"),
+            _fmt(r["met"]),
+        ]
+        for r in s["rows"]
+    ]
+    return [head, *_table(["operation", "service ops/s", "raw ops/s", "ratio", "met"], rows)]
+
+
+def _round_trips(title: str, s: dict[str, Any]) -> list[str]:
+    head = (
+        f"{title} (counted on the wire, per call; target {s['target']} for enqueue and transitions)"
+    )
+    rows = [
+        [
+            r["operation"],
+            _fmt(r["round_trips"], "g"),
+            "/".join(_fmt(r[k], "g") for k in ("executes", "prepares", "simple_queries")),
+            _fmt(r["first_call_round_trips"], "g"),
+            _fmt(r.get("met"), ""),
+        ]
+        for r in s["rows"]
+    ]
+    return [
+        head,
+        *_table(["operation", "round trips", "execute/prepare/simple", "first call", "met"], rows),
+    ]
+
+
+def _lifecycle(title: str, s: dict[str, Any]) -> list[str]:
+    head = (
+        f"{title} ({s['concurrency']} workflows, pool {s['pool_size']}, "
+        f"{s['steps_per_lifecycle']} steps each; limit: 1-row UPDATE commits, "
+        f"{s['concurrency']} connections; target ratio >= {s['target']})"
+    )
+    rows = [
+        [
+            "lifecycle",
+            _fmt(s["lifecycle_steps_s"]),
+            _fmt(s["lifecycles_s"]),
+            _fmt(s["limit_commits_s"]),
+            _fmt(s["ratio"], ".2f"),
+            _fmt(s["met"]),
+        ]
+    ]
+    return [
+        head,
+        *_table(["", "steps/s", "lifecycles/s", "limit commits/s", "ratio", "met"], rows),
+    ]
+
+
+def _http(title: str, s: dict[str, Any]) -> list[str]:
+    head = (
+        f"{title} ({s['workers']} workers each, {s['server']}, {s['connections']} connections,"
+        f" {s['duration_s']} s runs; target ratio >= {s['target']})"
+    )
+    rows = [
+        [
+            r["endpoint"],
+            _fmt(r["service_rps"]),
+            _fmt(r["bare_rps"]),
+            _fmt(r["ratio"], ".2f"),
+            f"{_fmt(r['service_p50_ms'], '.2f')}/{_fmt(r['service_p99_ms'], '.2f')}",
+            f"{_fmt(r['bare_p50_ms'], '.2f')}/{_fmt(r['bare_p99_ms'], '.2f')}",
+            _fmt(r["met"]),
+        ]
+        for r in s["rows"]
+    ]
+    return [
+        head,
+        *_table(
+            [
+                "endpoint",
+                "service req/s",
+                "bare req/s",
+                "ratio",
+                "service p50/p99 ms",
+                "bare p50/p99 ms",
+                "met",
+            ],
+            rows,
+        ),
+    ]
+
+
+def _scale(title: str, s: dict[str, Any]) -> list[str]:
+    small, large = f"{s['small_jobs']:,}", f"{s['large_jobs']:,}"
+    head = (
+        f"{title} ({small} vs {large} jobs, {s['in_flight']} in flight; sequential calls;"
+        f" target: large within {s['target']}x of small)"
+    )
+    rows = [
+        [
+            r["operation"],
+            _fmt(r["small_p50_ms"], ".2f"),
+            _fmt(r["large_p50_ms"], ".2f"),
+            _fmt(r["p50_ratio"], ".2f"),
+            _fmt(r["small_p99_ms"], ".2f"),
+            _fmt(r["large_p99_ms"], ".2f"),
+            _fmt(r["p99_ratio"], ".2f"),
+            _fmt(r["met"]),
+        ]
+        for r in s["rows"]
+    ]
+    return [
+        head,
+        *_table(
+            [
+                "operation (ms)",
+                f"p50 {small}",
+                f"p50 {large}",
+                "x",
+                f"p99 {small}",
+                f"p99 {large}",
+                "x",
+                "met",
+            ],
+            rows,
+        ),
+    ]
+
+
+_SECTIONS = [
+    ("service", "1. Service layer vs raw asyncpg", _service),
+    ("round_trips", "2. Round trips", _round_trips),
+    ("lifecycle", "3. Full lifecycle vs commit limit", _lifecycle),
+    ("http", "4. HTTP: jobs-app serve vs bare Litestar", _http),
+    ("scale", "5. Scale", _scale),
+]

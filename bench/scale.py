@@ -1,0 +1,156 @@
+"""Section 5: latency with a small and a large job table.
+
+Two databases, seeded alike but for the number of terminal jobs in history (1,000
+and --scale-rows): the same 100 jobs in flight, users with ~10 jobs each, spare
+users to enqueue for. Rounds alternate between them (the service layer's pool is
+moved from one to the other), and each round times sequential calls: p50 and p99
+over all rounds.
+
+The sweep finds nothing stale (the jobs in flight are fresh): what it costs is
+finding that out, which must not grow with the history.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncpg
+
+from bench import dbs, seed
+from bench.context import Context
+from bench.measure import percentile, ratio
+from jobs_app import database, queue
+
+SCALE_TARGET = 1.5
+SMALL = 1_000
+IN_FLIGHT = 100
+OPERATIONS = ("enqueue", "get_job_by_agent_id", "heartbeat", "sweep_stale_jobs")
+
+
+async def scale(ctx: Context) -> dict[str, Any]:
+    samples = 40 if ctx.quick else 200
+    rounds = ctx.budget.rounds
+    sizes = {"small": SMALL, "large": ctx.scale_rows}
+    urls: dict[str, str] = {}
+    populations: dict[str, seed.Population] = {}
+    seconds: dict[str, float] = {}
+    try:
+        for name, rows in sizes.items():
+            urls[name] = await dbs.create(ctx.server_url, f"{dbs.name_of(ctx.url)}_{name}")
+            await _use(urls[name], migrate=True)
+            conn = await asyncpg.connect(urls[name])
+            try:
+                started = time.perf_counter()
+                populations[name] = await seed.population(
+                    conn,
+                    "scale",
+                    total_jobs=rows,
+                    in_flight=IN_FLIGHT,
+                    spare_users=(samples + 3) * rounds + 16,
+                )
+                seconds[name] = time.perf_counter() - started
+                count = await conn.fetchval("SELECT count(*) FROM provisioning_jobs")
+            finally:
+                await conn.close()
+            print(f"  seeded {count:,} jobs in {seconds[name]:.1f} s", flush=True)
+
+        timings: dict[str, dict[str, list[float]]] = {
+            name: {op: [] for op in OPERATIONS} for name in sizes
+        }
+        spare = {name: iter(populations[name].spare_user_numbers) for name in sizes}
+        rng = random.Random(5)
+        for r in range(rounds):
+            order = list(sizes) if r % 2 == 0 else list(reversed(sizes))
+            for name in order:
+                await _use(urls[name])
+                pop = populations[name]
+                calls = _calls(pop, spare[name], rng)
+                for op in OPERATIONS:
+                    call = calls[op]
+                    for _ in range(3):  # warm-up: statements prepared
+                        await call()
+                    timings[name][op] += [await _timed(call) for _ in range(samples)]
+    finally:
+        await _use(ctx.url)
+        for url in urls.values():
+            await dbs.drop(ctx.server_url, dbs.name_of(url))
+
+    rows = []
+    for op in OPERATIONS:
+        small, large = timings["small"][op], timings["large"][op]
+        row: dict[str, Any] = {"operation": op}
+        for q in (50, 99):
+            row[f"small_p{q}_ms"] = percentile(small, q) * 1000
+            row[f"large_p{q}_ms"] = percentile(large, q) * 1000
+            row[f"p{q}_ratio"] = ratio(row[f"large_p{q}_ms"], row[f"small_p{q}_ms"])
+        row["samples"] = len(small)
+        row["met"] = row["p50_ratio"] <= SCALE_TARGET and row["p99_ratio"] <= SCALE_TARGET
+        rows.append(row)
+        print(
+            f"  {op:<22} p50 {row['small_p50_ms']:.2f} -> {row['large_p50_ms']:.2f} ms"
+            f" (x{row['p50_ratio']:.2f})  p99 {row['small_p99_ms']:.2f} ->"
+            f" {row['large_p99_ms']:.2f} ms (x{row['p99_ratio']:.2f})",
+            flush=True,
+        )
+    return {
+        "small_jobs": SMALL,
+        "large_jobs": ctx.scale_rows,
+        "in_flight": IN_FLIGHT,
+        "seed_seconds": seconds,
+        "target": SCALE_TARGET,
+        "rows": rows,
+    }
+
+
+async def _use(url: str, *, migrate: bool = False) -> None:
+    """Point the service layer's engine (and pool) at another database."""
+    await database.close_pool()
+    database.get_engine().config = {"dsn": url}
+    if migrate:
+        with contextlib.redirect_stdout(io.StringIO()):
+            await database.migrate()
+    await database.start_pool()
+
+
+async def _timed(call: Callable[[], Awaitable[object]]) -> float:
+    started = time.perf_counter()
+    await call()
+    return time.perf_counter() - started
+
+
+def _calls(
+    pop: seed.Population, spare: Any, rng: random.Random
+) -> dict[str, Callable[[], Awaitable[object]]]:
+    in_flight = [seed.job_id(pop.tag, j) for j in pop.in_flight_jobs]
+    beats = iter(in_flight * 1000)
+
+    async def enqueue() -> object:
+        n = next(spare)
+        return await queue.enqueue_provisioning_job(
+            user_id=seed.user_id(pop.tag, n),
+            agent_id=seed.agent_id(pop.tag, n),
+            stripe_event_id=f"evt_scale_new_{n}",
+        )
+
+    async def by_agent() -> object:
+        # Any agent with history, at random: the large table is not all in cache.
+        n = rng.randint(1, pop.history_users)
+        return await queue.get_job_by_agent_id(seed.agent_id(pop.tag, n))
+
+    async def heartbeat() -> object:
+        return await queue.record_heartbeat(next(beats), attempt=1)
+
+    async def sweep() -> object:
+        return await queue.sweep_stale_jobs()
+
+    return {
+        "enqueue": enqueue,
+        "get_job_by_agent_id": by_agent,
+        "heartbeat": heartbeat,
+        "sweep_stale_jobs": sweep,
+    }
