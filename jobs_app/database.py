@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import threading
 from collections.abc import AsyncIterator
@@ -77,6 +78,7 @@ class LazyPostgresEngine(PostgresEngine):
         """No extensions are needed."""
 
 
+@functools.cache
 def get_engine() -> PostgresEngine:
     from piccolo.engine.finder import engine_finder
 
