@@ -129,11 +129,15 @@ async def close_pool() -> None:
 
 # Failures that mean "the database is not there right now", not "the request is bad":
 # refused or dropped connections, pg_terminate_backend / shutdown (class 57), and
-# timeouts acquiring a connection or running a statement.
+# timeouts acquiring a connection or running a statement. InternalClientError: a pooled
+# connection whose backend was just terminated can be handed out before asyncpg has
+# seen its socket close; its next statement then fails with "cannot switch to state
+# 12; another operation (2) is in progress" (found by tests/test_faults.py).
 UNAVAILABLE = (
     OSError,
     TimeoutError,
     asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
     asyncpg.exceptions.PostgresConnectionError,
     asyncpg.exceptions.OperatorInterventionError,
 )

@@ -208,3 +208,110 @@ async def client(database: str) -> AsyncIterator:  # type: ignore[type-arg]
 API_HEADERS = {"Authorization": "Bearer test-api-token"}
 CALLBACK_SECRET = "test-callback-secret"
 STRIPE_SECRET = "whsec_test_secret"
+
+
+# --------------------------------------------------------------------------- servers with kept logs
+
+
+class LoggedServer(ServerProcess):
+    """A `jobs-app serve` process whose output (stderr and stdout together) is read on a
+    thread from the start.
+
+    A chatty process (warnings under database faults) never blocks on a full pipe, and
+    everything it printed or logged stays available: `server.log_text()`.
+    """
+
+    def __init__(
+        self, database_url: str, workers: int = 1, *args: str, **env: str
+    ) -> None:  # same as ServerProcess, but stdout is kept and `args` go to `serve`
+        import subprocess
+        import sys
+        import threading
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        full_env = {**os.environ, "DATABASE_URL": database_url, "DB_POOL_MAX_SIZE": "8", **env}
+        full_env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        command = [sys.executable, "-m", "jobs_app.cli", "serve", "--port", str(self.port)]
+        self.proc = subprocess.Popen(
+            [*command, "--workers", str(workers), *args],
+            env=full_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        self.log_lines: list[str] = []
+        self._reader = threading.Thread(target=self._drain, daemon=True)
+        self._reader.start()
+
+    def _drain(self) -> None:
+        stream = self.proc.stdout
+        assert stream is not None
+        for raw in iter(stream.readline, b""):
+            self.log_lines.append(raw.decode(errors="replace"))
+
+    def log_text(self) -> str:
+        return "".join(self.log_lines)
+
+    async def wait_ready(self, within: float = 30.0) -> None:
+        import httpx
+
+        deadline = asyncio.get_running_loop().time() + within
+        async with httpx.AsyncClient() as client:
+            while self.proc.poll() is None:
+                try:
+                    if (await client.get(f"{self.url}/health", timeout=1)).status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                if asyncio.get_running_loop().time() > deadline:
+                    raise TimeoutError(f"server did not become healthy: {self.log_text()[-2000:]}")
+                await asyncio.sleep(0.1)  # polling a starting process, not synchronising tests
+        self._reader.join(timeout=5)
+        raise RuntimeError(f"server exited: {self.log_text()[-2000:]}")
+
+    def stop(self) -> None:
+        super().stop()
+        self._reader.join(timeout=5)
+
+
+@pytest.fixture
+async def start_logged_server(database: str) -> AsyncIterator:  # type: ignore[type-arg]
+    """Like start_server, with the output kept: `await start_logged_server(1, *args, **env)`."""
+    servers: list[LoggedServer] = []
+
+    async def start(workers: int = 1, *args: str, **env: str) -> LoggedServer:
+        server = LoggedServer(database, workers, *args, **env)
+        servers.append(server)
+        await server.wait_ready()
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+# --------------------------------------------------------------------------- measured figures
+
+FIGURES: dict[str, dict[str, object]] = {}
+"""Figures the reliability tests measured, printed at the end of the run (and written
+to reliability-figures.json in pytest's base temp directory)."""
+
+
+def record_figure(name: str, **values: object) -> None:
+    FIGURES[name] = values
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if not FIGURES:
+        return
+    import json
+
+    text = json.dumps(FIGURES, indent=2, sort_keys=True, default=str)
+    terminalreporter.section("reliability figures (measured)")
+    terminalreporter.write_line(text)
+    try:
+        base = terminalreporter.config._tmp_path_factory.getbasetemp()  # type: ignore[attr-defined]
+        (base / "reliability-figures.json").write_text(text)
+        terminalreporter.write_line(f"written to {base / 'reliability-figures.json'}")
+    except (AttributeError, OSError):
+        pass

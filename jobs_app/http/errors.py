@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import traceback
 from typing import Any
 
 from litestar import MediaType, Request, Response
@@ -68,6 +69,27 @@ def http_exception_handler(_: Request[Any, Any, Any], exc: Exception) -> Respons
     return _error(exc.status_code, exc.detail, exc.extra, headers=exc.headers)
 
 
+def _raised_decoding_json(exc: BaseException) -> bool:
+    return any(
+        frame.name == "decode_json" and "litestar" in frame.filename
+        for frame in traceback.extract_tb(exc.__traceback__)
+    )
+
+
+def undecodable_body_handler(
+    request: Request[Any, Any, Any], exc: Exception
+) -> Response[ErrorBody]:
+    """Litestar decodes a JSON body untyped before converting it, and lets through what
+    msgspec raises besides DecodeError: RecursionError for nesting deeper than it
+    allows, UnicodeDecodeError for invalid UTF-8. Those are bad input (400); the same
+    errors raised anywhere else are bugs (500)."""
+    if not _raised_decoding_json(exc):
+        return unexpected_error_handler(request, exc)
+    if isinstance(exc, RecursionError):
+        return _error(400, "malformed JSON body: nested too deeply")
+    return _error(400, "malformed JSON body: not valid UTF-8")
+
+
 def unexpected_error_handler(
     request: Request[Any, Any, Any], exc: Exception
 ) -> Response[ErrorBody]:
@@ -78,5 +100,7 @@ def unexpected_error_handler(
 EXCEPTION_HANDLERS: ExceptionHandlersMap = {
     errors.DomainError: domain_error_handler,
     HTTPException: http_exception_handler,
+    RecursionError: undecodable_body_handler,
+    UnicodeDecodeError: undecodable_body_handler,
     Exception: unexpected_error_handler,
 }

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 from uuid import UUID
 
-from litestar import Controller, Response, get, post
+from litestar import Controller, Request, Response, get, post
 from litestar.openapi import ResponseSpec
 from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED
 
 from jobs_app import queue
-from jobs_app.errors import NotFoundError
+from jobs_app.errors import BadRequestError, NotFoundError
 from jobs_app.http.auth import require_api_token
 from jobs_app.http.errors import error_responses
 from jobs_app.http.schemas import (
@@ -33,7 +33,7 @@ class UserController(Controller):
     security = [{"bearer": []}]  # noqa: RUF012
     tags = ["users"]  # noqa: RUF012
 
-    @post(responses=error_responses(401, 409))
+    @post(responses=error_responses(401, 409, 413))
     async def create_user(self, data: JSONBody[CreateUser]) -> User:
         """Create a customer account (email is unique)."""
         return await queue.create_user(data.email)
@@ -45,7 +45,7 @@ class AgentController(Controller):
     security = [{"bearer": []}]  # noqa: RUF012
     tags = ["agents"]  # noqa: RUF012
 
-    @post(responses=error_responses(401, 404))
+    @post(responses=error_responses(401, 404, 413))
     async def create_agent(self, data: JSONBody[CreateAgent]) -> Agent:
         """Create an agent for a user."""
         return await queue.create_agent(data.user_id, data.name)
@@ -59,6 +59,9 @@ class AgentController(Controller):
         return job
 
 
+_LIST_PARAMETERS = frozenset({"user_id", "agent_id", "status", "limit", "cursor"})
+
+
 class JobController(Controller):
     path = "/api/jobs"
     guards = [require_api_token]  # noqa: RUF012
@@ -69,7 +72,7 @@ class JobController(Controller):
         status_code=HTTP_201_CREATED,
         responses={
             HTTP_200_OK: ResponseSpec(Job, description="Replay: the job this event created"),
-            **error_responses(401, 404, 409, 422),
+            **error_responses(401, 404, 409, 413, 422),
         },
     )
     async def create_job(self, data: JSONBody[CreateJob]) -> Response[Job]:
@@ -90,13 +93,21 @@ class JobController(Controller):
     @get(responses=error_responses(400, 401))
     async def list_jobs(
         self,
+        request: Request[Any, Any, Any],
         user_id: FromQuery[UUID | None] = None,
         agent_id: FromQuery[UUID | None] = None,
         status: FromQuery[JobStatus | None] = None,
         limit: Annotated[int, QueryParameter(ge=1, le=200)] = 50,
         cursor: Annotated[str | None, QueryParameter(max_length=512)] = None,
     ) -> JobPage:
-        """Jobs newest first, keyset-paged: pass `next_cursor` back as `cursor`."""
+        """Jobs newest first, keyset-paged: pass `next_cursor` back as `cursor`.
+
+        Unknown query parameters are refused: a misspelt filter would otherwise list
+        every job.
+        """
+        unknown = sorted(set(request.query_params) - _LIST_PARAMETERS)
+        if unknown:
+            raise BadRequestError("unknown query parameters", unknown=unknown)
         return await queue.list_jobs(
             user_id=user_id, agent_id=agent_id, status=status, limit=limit, cursor=cursor
         )

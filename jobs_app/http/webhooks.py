@@ -15,7 +15,7 @@ from litestar.status_codes import HTTP_200_OK
 from jobs_app import errors, metrics, queue
 from jobs_app.http.auth import settings_of
 from jobs_app.http.errors import error_responses
-from jobs_app.http.schemas import Region, WebhookResult
+from jobs_app.http.schemas import Region, StripeEventId, WebhookResult
 from jobs_app.lifecycle import Actor
 
 log = logging.getLogger("jobs_app.webhooks")
@@ -28,9 +28,10 @@ class _EventData(msgspec.Struct):
 
 
 class _StripeEvent(msgspec.Struct):
-    """The fields we read of a verified event; everything else is ignored."""
+    """The fields we read of a verified event; everything else is ignored. The id is
+    bounded and NUL-free like the API's stripe_event_id: it becomes that column."""
 
-    id: str
+    id: StripeEventId
     type: str
     data: _EventData
 
@@ -75,6 +76,8 @@ async def stripe_webhook(request: Request[Any, Any, Any]) -> WebhookResult:
         raise HTTPException("invalid Stripe signature", status_code=400) from None
     except msgspec.DecodeError as exc:
         raise HTTPException(f"invalid Stripe event: {exc}", status_code=400) from None
+    except RecursionError:
+        raise HTTPException("invalid Stripe event: nested too deeply", status_code=400) from None
 
     if event.type != CHECKOUT_COMPLETED:
         return WebhookResult(received=True, ignored=True)
