@@ -61,9 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.scale_rows is None:
         args.scale_rows = 10_000 if quick else 1_000_000
     if args.duration is None and args.ops is None:
-        args.duration = 0.2 if quick else 0.5
+        args.duration = 0.1 if quick else 0.5
     if args.rounds is None:
-        args.rounds = 2 if quick else 9
+        args.rounds = 1 if quick else 9
     if args.http_duration is None:
         args.http_duration = 1.0 if quick else 2.0
     return args

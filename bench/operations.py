@@ -160,7 +160,7 @@ class Inputs:
         self._fixed: dict[str, list[Values]] = {}
 
     async def setup(self) -> None:
-        conn, n = self.ctx.conn, self.FIXED
+        conn, n = self.ctx.conn, self.FIXED // 4 if self.ctx.quick else self.FIXED
         # Heartbeats: provisioning jobs, one user each.
         hb = self.ctx.tag("hb")
         await seed.users(conn, hb, 1, n)

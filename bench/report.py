@@ -63,10 +63,14 @@ def _service(title: str, s: dict[str, Any]) -> list[str]:
             _fmt(r["raw_ops_s"]),
             _fmt(r["ratio"], ".2f"),
             _fmt(r["met"]),
+            _fmt(r.get("raw_timeouts_ops_s")),
+            _fmt(r.get("ratio_to_raw_timeouts"), ".2f"),
         ]
         for r in s["rows"]
     ]
-    return [head, *_table(["operation", "service ops/s", "raw ops/s", "ratio", "met"], rows)]
+    headers = ["operation", "service ops/s", "raw ops/s", "ratio", "met"]
+    headers += ["raw+timeouts ops/s", "ratio to it"]
+    return [head, *_table(headers, rows)]
 
 
 def _round_trips(title: str, s: dict[str, Any]) -> list[str]:
@@ -97,18 +101,34 @@ def _lifecycle(title: str, s: dict[str, Any]) -> list[str]:
     )
     rows = [
         [
-            "lifecycle",
+            "service lifecycle",
             _fmt(s["lifecycle_steps_s"]),
-            _fmt(s["lifecycles_s"]),
-            _fmt(s["limit_commits_s"]),
             _fmt(s["ratio"], ".2f"),
             _fmt(s["met"]),
-        ]
+        ],
+        [
+            "  same SQL, raw pool",
+            _fmt(s.get("raw_lifecycle_steps_s")),
+            _fmt(_over(s.get("raw_lifecycle_steps_s"), s["limit_commits_s"]), ".2f"),
+            f"service/raw {_fmt(s.get('ratio_to_raw_lifecycle'), '.2f')}",
+        ],
+        [
+            "  1-row UPDATE of provisioning_jobs",
+            _fmt(s.get("jobs_update_commits_s")),
+            _fmt(s.get("jobs_update_ratio_to_limit"), ".2f"),
+            "",
+        ],
+        ["limit: 1-row UPDATE, 2-column table", _fmt(s["limit_commits_s"]), "1.00", ""],
     ]
     return [
         head,
-        *_table(["", "steps/s", "lifecycles/s", "limit commits/s", "ratio", "met"], rows),
+        f"lifecycles/s: {_fmt(s['lifecycles_s'])}",
+        *_table(["", "commits (steps)/s", "ratio to limit", "met"], rows),
     ]
+
+
+def _over(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
 
 
 def _http(title: str, s: dict[str, Any]) -> list[str]:
@@ -149,7 +169,8 @@ def _scale(title: str, s: dict[str, Any]) -> list[str]:
     small, large = f"{s['small_jobs']:,}", f"{s['large_jobs']:,}"
     head = (
         f"{title} ({small} vs {large} jobs, {s['in_flight']} in flight; sequential calls;"
-        f" target: large within {s['target']}x of small)"
+        f" per-round percentiles, medians over rounds; target: large within {s['target']}x"
+        " of small)"
     )
     rows = [
         [

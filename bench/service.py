@@ -23,15 +23,16 @@ async def _noop_reset(conn: asyncpg.Connection) -> None:
     """Like the service pool's: no RESET round trip on release."""
 
 
-async def raw_pool(url: str, size: int | None = None) -> asyncpg.Pool:
+async def raw_pool(url: str, **options: Any) -> asyncpg.Pool:
     """A plain asyncpg pool the size of the service's, minus its reset round trip
     (the service skips it too), so the raw side is the best case."""
     settings = get_settings()
     pool = await asyncpg.create_pool(
         url,
         min_size=settings.pool_min_size,
-        max_size=size or settings.pool_max_size,
+        max_size=settings.pool_max_size,
         reset=_noop_reset,
+        **options,
     )
     assert pool is not None
     return pool
@@ -41,14 +42,19 @@ async def service_vs_raw(ctx: Context) -> dict[str, Any]:
     budget = ctx.budget
     inputs = Inputs(ctx)
     await inputs.setup()
+    timeout = get_settings().db_timeout_seconds
     pool = await raw_pool(ctx.url)
+    # The service bounds every acquire and statement by db_timeout_seconds; this raw
+    # pool does the same, to show what those bounds cost apart from the layer itself.
+    bounded = await raw_pool(ctx.url, command_timeout=timeout)
     rows = []
     try:
         for op in OPERATIONS.values():
-            rows.append(await _compare(ctx, op, inputs, pool))
+            rows.append(await _compare(ctx, op, inputs, pool, bounded, timeout))
             _progress(rows[-1])
     finally:
         await pool.close()
+        await bounded.close()
     return {
         "concurrency": budget.concurrency,
         "pool_size": get_settings().pool_max_size,
@@ -63,13 +69,19 @@ async def service_vs_raw(ctx: Context) -> dict[str, Any]:
 def _progress(row: dict[str, Any]) -> None:
     print(
         f"  {row['operation']:<28} service {row['service_ops_s']:>8.0f}/s"
-        f"  raw {row['raw_ops_s']:>8.0f}/s  ratio {row['ratio']:.2f}",
+        f"  raw {row['raw_ops_s']:>8.0f}/s  ratio {row['ratio']:.2f}"
+        f"  (raw with timeouts {row['raw_timeouts_ops_s']:>8.0f}/s)",
         flush=True,
     )
 
 
 async def _compare(
-    ctx: Context, op: Operation, inputs: Inputs, pool: asyncpg.Pool
+    ctx: Context,
+    op: Operation,
+    inputs: Inputs,
+    pool: asyncpg.Pool,
+    bounded: asyncpg.Pool,
+    bound: float,
 ) -> dict[str, Any]:
     budget = ctx.budget
 
@@ -79,11 +91,19 @@ async def _compare(
     async def raw(steps: list[Step]) -> None:
         await raw_call(pool, steps)
 
+    async def raw_timeouts(steps: list[Step]) -> None:
+        for sql, args in steps:
+            async with bounded.acquire(timeout=bound) as conn:
+                await conn.fetchrow(sql, *args)
+
+    functions = {"service": service, "raw": raw, "raw_timeouts": raw_timeouts}
     cycles: dict[str, Iterator[Any]] = {}
     if not op.single_use:
         fixed = inputs.fixed(op.name)
+        steps = [op.raw_steps(v) for v in fixed]
         cycles["service"] = itertools.cycle(fixed)
-        cycles["raw"] = itertools.cycle([op.raw_steps(v) for v in fixed])
+        cycles["raw"] = itertools.cycle(steps)
+        cycles["raw_timeouts"] = itertools.cycle(steps)
 
     async def items(side: str, count: int) -> Iterator[Any]:
         if not op.single_use:
@@ -96,15 +116,15 @@ async def _compare(
     # Warm up both sides (every pooled connection prepares the statement) and
     # estimate the rate, to size single-use inputs.
     estimate = 0.0
-    warmup = 8 * budget.concurrency
-    for side, fn in (("service", service), ("raw", raw)):
+    warmup = (2 if ctx.quick else 8) * budget.concurrency
+    for side, fn in functions.items():
         rate = await drive(
             fn, await items(side, warmup), concurrency=budget.concurrency, ops=warmup
         )
         estimate = max(estimate, rate.per_second)
 
     def measurement(side: str) -> Any:
-        fn = service if side == "service" else raw
+        fn = functions[side]
 
         async def measure() -> float:
             nonlocal estimate
@@ -121,19 +141,17 @@ async def _compare(
 
         return measure
 
-    samples = await interleave(
-        [("service", measurement("service")), ("raw", measurement("raw"))], budget.rounds
-    )
-    service_rate, raw_rate = median(samples["service"]), median(samples["raw"])
+    samples = await interleave([(side, measurement(side)) for side in functions], budget.rounds)
     r = paired_ratio(samples["service"], samples["raw"])
     return {
         "operation": op.name,
-        "service_ops_s": service_rate,
-        "raw_ops_s": raw_rate,
+        "service_ops_s": median(samples["service"]),
+        "raw_ops_s": median(samples["raw"]),
         "ratio": r,
         "met": r >= SERVICE_TARGET,
-        "service_samples": samples["service"],
-        "raw_samples": samples["raw"],
+        "raw_timeouts_ops_s": median(samples["raw_timeouts"]),
+        "ratio_to_raw_timeouts": paired_ratio(samples["service"], samples["raw_timeouts"]),
+        **{f"{side}_samples": samples[side] for side in functions},
     }
 
 

@@ -374,9 +374,10 @@ async def _compare(
     duration: float,
     workdir: Path,
 ) -> dict[str, Any]:
-    # Warm-up: every worker's pool connects and prepares.
-    for server in (service, bare):
-        await _load(endpoint, server.port, 1, workdir)
+    # Warm-up: every worker's pool connects and prepares (a smoke run goes without).
+    if not ctx.quick:
+        for server in (service, bare):
+            await _load(endpoint, server.port, 1, workdir)
 
     def side(server: Server) -> Any:
         async def measure() -> dict[str, Any]:
@@ -385,7 +386,7 @@ async def _compare(
         return measure
 
     samples = await interleave(
-        [("service", side(service)), ("bare", side(bare))], ctx.budget.rounds
+        [("service", side(service)), ("bare", side(bare))], 1 if ctx.quick else ctx.budget.rounds
     )
 
     def figures(name: str) -> Iterator[tuple[str, Any]]:

@@ -3,7 +3,11 @@
 A lifecycle is six calls, each its own statement and commit, as a workflow makes
 them: enqueue, provisioning, three heartbeats, running. The limit is the simplest
 write PostgreSQL can commit: a single-row UPDATE in autocommit, from 16 asyncpg
-connections each updating its own row.
+connections each updating its own row of a two-column table.
+
+Two more sides say where a gap comes from: the same six statements sent raw on a
+plain pool (the cost of the service layer), and a plain single-row UPDATE of the
+jobs table (the cost of the table: its width, indexes and constraints).
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ import asyncpg
 from bench import seed
 from bench.context import Context
 from bench.measure import interleave, median, paired_ratio
+from bench.service import raw_pool
 from jobs_app import queue
-from jobs_app.lifecycle import JobStatus
+from jobs_app.lifecycle import Actor, JobStatus
 from jobs_app.settings import get_settings
 
 LIFECYCLE_TARGET = 0.5
@@ -34,7 +39,7 @@ async def lifecycle(ctx: Context) -> dict[str, Any]:
     owners = [(seed.user_id(tag, i), seed.agent_id(tag, i)) for i in range(1, tasks + 1)]
     serial = itertools.count()
 
-    async def one_lifecycle(user_id: Any, agent_id: Any) -> None:
+    async def service_lifecycle(user_id: Any, agent_id: Any) -> None:
         enqueued = await queue.enqueue_provisioning_job(
             user_id=user_id, agent_id=agent_id, stripe_event_id=f"evt_{tag}_{next(serial)}"
         )
@@ -46,6 +51,23 @@ async def lifecycle(ctx: Context) -> dict[str, Any]:
             await queue.record_heartbeat(job.id, attempt=job.attempt)
         await queue.update_job_status(job.id, status=JobStatus.RUNNING, attempt=job.attempt)
 
+    pool = await raw_pool(ctx.url)
+    claim = queue._TRANSITION_STATEMENTS[JobStatus.PROVISIONING].sql
+    running = queue._TRANSITION_STATEMENTS[JobStatus.RUNNING].sql
+
+    async def raw_lifecycle(user_id: Any, agent_id: Any) -> None:
+        """The same six statements on a plain pool of the same size."""
+        evt = f"evt_{tag}_{next(serial)}"
+        row = await pool.fetchrow(
+            queue._ENQUEUE.sql, agent_id, user_id, evt, "us-east", 3, Actor.API
+        )
+        assert row is not None
+        job_id = row["id"]
+        await pool.fetchrow(claim, job_id, "wf", 1, Actor.WORKFLOW)
+        for _ in range(3):
+            await pool.fetchrow(queue._HEARTBEAT.sql, job_id, 1)
+        await pool.fetchrow(running, job_id, None, 1, Actor.WORKFLOW)
+
     await ctx.conn.execute(
         "CREATE TABLE IF NOT EXISTS bench_commit_limit (id int PRIMARY KEY, n bigint NOT NULL)"
     )
@@ -54,10 +76,29 @@ async def lifecycle(ctx: Context) -> dict[str, Any]:
         " ON CONFLICT DO NOTHING",
         tasks,
     )
+    # Provisioning jobs for the plain UPDATE of the jobs table, one per connection.
+    rows_tag = ctx.tag("wfu")
+    await seed.users(ctx.conn, rows_tag, 1, tasks)
+    await seed.jobs(
+        ctx.conn,
+        rows_tag,
+        first=1,
+        count=tasks,
+        owners=tasks,
+        first_owner=1,
+        status="provisioning",
+    )
     connections = [await asyncpg.connect(ctx.url) for _ in range(tasks)]
 
-    async def one_update(conn: asyncpg.Connection, row: int) -> None:
+    async def limit_update(conn: asyncpg.Connection, row: int) -> None:
         await conn.execute("UPDATE bench_commit_limit SET n = n + 1 WHERE id = $1", row)
+
+    async def jobs_update(conn: asyncpg.Connection, job_id: Any) -> None:
+        await conn.execute(
+            "UPDATE provisioning_jobs SET last_heartbeat_at = now(), updated_at = now()"
+            " WHERE id = $1",
+            job_id,
+        )
 
     async def timed(workers: list[Any], units_per_call: int, max_calls: int | None) -> float:
         """Calls per second x units, from concurrent workers, for the duration or count."""
@@ -77,34 +118,36 @@ async def lifecycle(ctx: Context) -> dict[str, Any]:
         await asyncio.gather(*(run(w) for w in workers))
         return done * units_per_call / (time.perf_counter() - start)
 
-    lifecycle_workers = [(lambda u=u, a=a: one_lifecycle(u, a)) for u, a in owners]
+    service_workers = [(lambda u=u, a=a: service_lifecycle(u, a)) for u, a in owners]
+    raw_workers = [(lambda u=u, a=a: raw_lifecycle(u, a)) for u, a in owners]
     limit_workers = [
-        (lambda c=c, i=i: one_update(c, i)) for i, c in enumerate(connections, start=1)
+        (lambda c=c, i=i: limit_update(c, i)) for i, c in enumerate(connections, start=1)
     ]
-    lifecycle_calls = None if budget.ops is None else max(budget.ops // STEPS, tasks)
-
+    job_ids = [seed.job_id(rows_tag, i) for i in range(1, tasks + 1)]
+    jobs_workers = [
+        (lambda c=c, j=j: jobs_update(c, j)) for c, j in zip(connections, job_ids, strict=True)
+    ]
+    calls = None if budget.ops is None else max(budget.ops // STEPS, tasks)
+    sides = {
+        "lifecycle": lambda: timed(service_workers, STEPS, calls),
+        "limit": lambda: timed(limit_workers, 1, budget.ops),
+        "raw_lifecycle": lambda: timed(raw_workers, STEPS, calls),
+        "jobs_update": lambda: timed(jobs_workers, 1, budget.ops),
+    }
     try:
         # Warm-up: statements prepared on every connection.
-        await timed(lifecycle_workers, STEPS, 2 * tasks)
+        await timed(service_workers, STEPS, 2 * tasks)
+        await timed(raw_workers, STEPS, 2 * tasks)
         await timed(limit_workers, 1, 8 * tasks)
-        samples = await interleave(
-            [
-                ("lifecycle", lambda: timed(lifecycle_workers, STEPS, lifecycle_calls)),
-                ("limit", lambda: timed(limit_workers, 1, budget.ops)),
-            ],
-            budget.rounds,
-        )
+        await timed(jobs_workers, 1, 8 * tasks)
+        samples = await interleave(list(sides.items()), budget.rounds)
     finally:
         for conn in connections:
             await conn.close()
+        await pool.close()
     steps, limit = median(samples["lifecycle"]), median(samples["limit"])
     r = paired_ratio(samples["lifecycle"], samples["limit"])
-    print(
-        f"  lifecycle steps {steps:>8.0f}/s  ({steps / STEPS:.0f} lifecycles/s)"
-        f"  limit {limit:>8.0f} commits/s  ratio {r:.2f}",
-        flush=True,
-    )
-    return {
+    result = {
         "concurrency": tasks,
         "pool_size": get_settings().pool_max_size,
         "steps_per_lifecycle": STEPS,
@@ -114,6 +157,19 @@ async def lifecycle(ctx: Context) -> dict[str, Any]:
         "ratio": r,
         "target": LIFECYCLE_TARGET,
         "met": r >= LIFECYCLE_TARGET,
-        "lifecycle_samples": samples["lifecycle"],
-        "limit_samples": samples["limit"],
+        # Where the gap is: the same statements without the service layer, and the
+        # plainest write to the jobs table (a heartbeat's SET, no CTE, no RETURNING).
+        "raw_lifecycle_steps_s": median(samples["raw_lifecycle"]),
+        "ratio_to_raw_lifecycle": paired_ratio(samples["lifecycle"], samples["raw_lifecycle"]),
+        "jobs_update_commits_s": median(samples["jobs_update"]),
+        "jobs_update_ratio_to_limit": paired_ratio(samples["jobs_update"], samples["limit"]),
+        **{f"{side}_samples": samples[side] for side in sides},
     }
+    print(
+        f"  lifecycle steps {steps:>8.0f}/s  ({steps / STEPS:.0f} lifecycles/s)"
+        f"  limit {limit:>8.0f} commits/s  ratio {r:.2f}"
+        f"  (raw SQL lifecycle {result['raw_lifecycle_steps_s']:.0f}/s;"
+        f" plain jobs UPDATE {result['jobs_update_commits_s']:.0f}/s)",
+        flush=True,
+    )
+    return result

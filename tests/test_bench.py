@@ -1,0 +1,129 @@
+"""The benchmarks can't rot, and the hot queries keep their indexes.
+
+Neither test asserts a timing: the smoke run checks that `python -m bench --quick`
+produces every section and counts one round trip per write; the EXPLAIN test checks
+each hot statement's plan on a table big enough for the planner to care.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from bench import seed
+from jobs_app import queue
+from jobs_app.lifecycle import Actor, JobStatus
+
+REPO = Path(__file__).resolve().parent.parent
+SECTIONS = {"service", "round_trips", "lifecycle", "http", "scale"}
+ONE_ROUND_TRIP = {"enqueue", "claim", "heartbeat", "complete", "fail", "retry"}
+
+
+def test_quick_bench_runs_every_section(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    # DATABASE_URL (set by conftest) names the server; the bench makes its own database.
+    run = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--json", str(out)],
+        cwd=REPO,
+        env=os.environ.copy(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    results = json.loads(out.read_text())
+    sections = results["sections"]
+    assert set(sections) == SECTIONS
+    for name, section in sections.items():
+        assert "error" not in section, (name, section["error"])
+
+    service = {row["operation"]: row for row in sections["service"]["rows"]}
+    assert set(service) >= {"enqueue", "claim", "heartbeat", "complete", "fail+retry"}
+    assert all(row["service_ops_s"] > 0 and row["raw_ops_s"] > 0 for row in service.values())
+
+    trips = {row["operation"]: row for row in sections["round_trips"]["rows"]}
+    for operation in ONE_ROUND_TRIP:
+        assert trips[operation]["round_trips"] == 1, trips[operation]
+        assert trips[operation]["executes"] == 1, trips[operation]
+
+    assert sections["lifecycle"]["lifecycle_steps_s"] > 0
+    assert sections["lifecycle"]["limit_commits_s"] > 0
+    assert len(sections["http"]["rows"]) == 2
+    assert all(row["service_rps"] > 0 and row["bare_rps"] > 0 for row in sections["http"]["rows"])
+    scale = {row["operation"] for row in sections["scale"]["rows"]}
+    assert scale == {"enqueue", "get_job_by_agent_id", "heartbeat", "sweep_stale_jobs"}
+
+
+# --------------------------------------------------------------------------- plans
+
+
+def _nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
+    found = [plan]
+    for child in plan.get("Plans", []):
+        found += _nodes(child)
+    return found
+
+
+async def _explain(db: asyncpg.Connection, statement: Any, **values: Any) -> list[dict]:
+    raw = await db.fetchval("EXPLAIN (FORMAT JSON) " + statement.sql, *statement.args(values))
+    return _nodes(json.loads(raw)[0]["Plan"])
+
+
+async def test_hot_statements_use_their_indexes(db: asyncpg.Connection) -> None:
+    pop = await seed.population(db, "plan", total_jobs=20_000, in_flight=100)
+    busy = seed.job_id("plan", pop.in_flight_jobs[0])
+    user, agent = seed.user_id("plan", 5), seed.agent_id("plan", 5)
+    timeouts = {"timeout": 900, "deadline": 3600, "queue_timeout": 900}
+    by_id = "pkey"
+    transition = {"job_id": busy, "attempt": 1, "workflow_run_id": None, "actor": Actor.WORKFLOW}
+    cases: list[tuple[str, Any, dict[str, Any], str]] = [
+        ("get_job_by_agent_id", queue._BY_AGENT, {"agent_id": agent}, "agent_newest"),
+        (
+            "get_job_by_stripe_event_id",
+            queue._BY_STRIPE_EVENT,
+            {"stripe_event_id": seed.stripe_event_id("plan", 5)},
+            "stripe_event_id_key",
+        ),
+        ("heartbeat", queue._HEARTBEAT, {"job_id": busy, "attempt": 1}, by_id),
+        *(
+            (
+                f"to {to}",
+                queue._TRANSITION_STATEMENTS[to],
+                transition
+                | (
+                    {"error": "e", "failed_step": None, "failure_reason": "workflow_error"}
+                    if to == JobStatus.FAILED
+                    else {}
+                ),
+                by_id,
+            )
+            for to in queue._TRANSITION_STATEMENTS
+        ),
+        (
+            "retry",
+            queue._RETRY,
+            {"job_id": busy, "grant_extra": False, "actor": Actor.API, "reason": "retry"},
+            by_id,
+        ),
+        ("get_job", queue._GET_JOB_CHECKED, {"job_id": busy, **timeouts}, by_id),
+        (
+            "list_jobs by user",
+            queue._list_statement(("user_id",)),
+            {"user_id": user, "limit": 51},
+            "user_newest",
+        ),
+        ("sweep", queue._SWEEP, {"batch": 1000, **timeouts}, "in_flight"),
+    ]
+    for name, statement, values, index in cases:
+        nodes = await _explain(db, statement, **values)
+        on_jobs = [n for n in nodes if n.get("Relation Name") == "provisioning_jobs"]
+        scans = [n["Node Type"] for n in on_jobs if n["Node Type"] != "ModifyTable"]
+        assert "Seq Scan" not in scans, (name, scans)
+        used = {n["Index Name"] for n in nodes if "Index Name" in n}
+        assert f"provisioning_jobs_{index}" in used, (name, used)
