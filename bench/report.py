@@ -17,7 +17,7 @@ def _fmt(value: Any, spec: str = ",.0f") -> str:
     return str(value)
 
 
-def _table(headers: Sequence[str], rows: list[Sequence[str]]) -> list[str]:
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
 
     def line(cells: Sequence[str]) -> str:

@@ -42,7 +42,7 @@ async def scale(ctx: Context) -> dict[str, Any]:
     populations: dict[str, seed.Population] = {}
     seconds: dict[str, float] = {}
     try:
-        for name, rows in sizes.items():
+        for name, jobs_count in sizes.items():
             urls[name] = await dbs.create(ctx.server_url, f"{dbs.name_of(ctx.url)}_{name}")
             await _use(urls[name], migrate=True)
             conn = await asyncpg.connect(urls[name])
@@ -51,7 +51,7 @@ async def scale(ctx: Context) -> dict[str, Any]:
                 populations[name] = await seed.population(
                     conn,
                     "scale",
-                    total_jobs=rows,
+                    total_jobs=jobs_count,
                     in_flight=IN_FLIGHT,
                     spare_users=(samples + 3) * rounds + 16,
                 )

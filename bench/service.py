@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import asyncpg
@@ -96,7 +96,11 @@ async def _compare(
             async with bounded.acquire(timeout=bound) as conn:
                 await conn.fetchrow(sql, *args)
 
-    functions = {"service": service, "raw": raw, "raw_timeouts": raw_timeouts}
+    functions: dict[str, Callable[[Any], Awaitable[None]]] = {
+        "service": service,
+        "raw": raw,
+        "raw_timeouts": raw_timeouts,
+    }
     cycles: dict[str, Iterator[Any]] = {}
     if not op.single_use:
         fixed = inputs.fixed(op.name)

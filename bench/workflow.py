@@ -103,7 +103,9 @@ async def lifecycle(ctx: Context) -> dict[str, Any]:
     async def timed(workers: list[Any], units_per_call: int, max_calls: int | None) -> float:
         """Calls per second x units, from concurrent workers, for the duration or count."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + budget.duration if budget.ops is None else float("inf")
+        deadline = float("inf")
+        if budget.ops is None and budget.duration is not None:
+            deadline = loop.time() + budget.duration
         remaining = max_calls if max_calls is not None else float("inf")
         done = 0
 
