@@ -170,6 +170,7 @@ class Ledger:
     users: set[str] = field(default_factory=set)
     agents: set[str] = field(default_factory=set)
     jobs_by_event: dict[str, set[str]] = field(default_factory=dict)
+    bodies: dict[str, dict[str, str]] = field(default_factory=dict)
     retried_enqueues: int = 0
     committed_before_503: int = 0
     ok: int = 0
@@ -234,6 +235,7 @@ async def _client_loop(c: httpx.AsyncClient, ledger: Ledger, stop: asyncio.Event
             "agent_id": agent.json()["id"],
             "stripe_event_id": event,
         }
+        ledger.bodies[event] = body
         answers = await _until_2xx(c, ledger, "POST", "/api/jobs", json=body)
         final = answers[-1]
         assert final.status_code in (200, 201), final.text
@@ -265,38 +267,45 @@ async def test_killed_database_sessions_under_load(start_logged_server, database
         assert (
             await callback(c, locked_job["id"], "status", {"attempt": 1, "status": "provisioning"})
         ).status_code == 200
+        # One customer per fault whose enqueue will be in flight when it strikes.
+        customers = [await make_user_agent(c) for _ in range(rounds)]
         load = [asyncio.create_task(_client_loop(c, ledger, stop, n)) for n in range(12)]
         try:
-            for _ in range(rounds):
+            for round_, (user_id, agent_id) in enumerate(customers):
                 # Let the load make progress between faults.
                 async with ledger.progress:
                     target = ledger.ok + 40
                     await asyncio.wait_for(
                         ledger.progress.wait_for(lambda t=target: ledger.ok >= t), 60
                     )
-                # Requests certainly in flight: heartbeats queued behind a row lock.
+                event = f"evt_in_flight_{round_}"
+                body = {"user_id": user_id, "agent_id": agent_id, "stripe_event_id": event}
+                ledger.bodies[event] = body
+                # Requests certainly in flight: heartbeats queued behind the job's row
+                # lock, and an enqueue whose foreign-key check waits for its user's row.
                 async with holder.transaction():
                     await holder.execute(
                         "SELECT 1 FROM provisioning_jobs WHERE id = $1 FOR UPDATE",
                         uuid.UUID(locked_job["id"]),
                     )
+                    await holder.execute(
+                        "SELECT 1 FROM users WHERE id = $1 FOR UPDATE", uuid.UUID(user_id)
+                    )
+                    heartbeat = f"/api/callbacks/jobs/{locked_job['id']}/heartbeat"
                     blocked = [
                         asyncio.create_task(
-                            _request(
-                                c,
-                                ledger,
-                                "POST",
-                                f"/api/callbacks/jobs/{locked_job['id']}/heartbeat",
-                                **_signed({"attempt": 1}),
-                            )
+                            _request(c, ledger, "POST", heartbeat, **_signed({"attempt": 1}))
                         )
                         for _ in range(blocked_per_round)
                     ]
+                    blocked.append(
+                        asyncio.create_task(_request(c, ledger, "POST", "/api/jobs", json=body))
+                    )
 
-                    async def waiting() -> bool:
-                        return await lock_waiters(holder) >= blocked_per_round
+                    async def waiting(n: int = len(blocked)) -> bool:
+                        return await lock_waiters(holder) >= n
 
-                    await wait_for(waiting, DB_TIMEOUT - 1, "heartbeats blocked on the lock")
+                    await wait_for(waiting, DB_TIMEOUT - 1, "requests blocked on the locks")
                     terminated.append(
                         await holder.fetchval(
                             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
@@ -309,7 +318,16 @@ async def test_killed_database_sessions_under_load(start_logged_server, database
                     assert r is not None, ledger.transport_errors
                     assert_503(r)
                     in_flight_503 += 1
-                assert terminated[-1] >= blocked_per_round, terminated
+                assert terminated[-1] >= len(blocked), terminated
+                # The client whose enqueue failed retries with its event id: it gets the
+                # job, once (the failed attempt wrote nothing), and the same job again.
+                retried = await _until_2xx(c, ledger, "POST", "/api/jobs", json=body)
+                assert retried[-1].status_code == 201, retried[-1].text
+                again = await _until_2xx(c, ledger, "POST", "/api/jobs", json=body)
+                assert again[-1].status_code == 200
+                assert again[-1].json()["id"] == retried[-1].json()["id"]
+                ledger.jobs_by_event[event] = {retried[-1].json()["id"]}
+                ledger.retried_enqueues += 1
         finally:
             stop.set()
             await asyncio.wait_for(asyncio.gather(*load), 120)
@@ -317,12 +335,13 @@ async def test_killed_database_sessions_under_load(start_logged_server, database
 
         assert server.proc.poll() is None  # never restarted: the same process throughout
         assert (await c.get("/health")).json() == {"status": "ok", "database": "up"}
-        # Every client retried its enqueue until it got the job, and always the same one:
-        # again now, each event gives back its job.
+        # Every client that got its job, asking again with its event id, gets the same job.
         replays = await asyncio.gather(
-            *(c.get(f"/api/jobs/{next(iter(ids))}") for ids in ledger.jobs_by_event.values())
+            *(c.post("/api/jobs", json=ledger.bodies[event]) for event in ledger.jobs_by_event)
         )
-        assert all(r.status_code == 200 for r in replays)
+        for event, replay in zip(ledger.jobs_by_event, replays, strict=True):
+            assert replay.status_code == 200, replay.text
+            assert {replay.json()["id"]} == ledger.jobs_by_event[event]
 
     assert ledger.transport_errors == []
     statuses = Counter(status for _, status, _ in ledger.answers)
@@ -355,6 +374,7 @@ async def test_killed_database_sessions_under_load(start_logged_server, database
         requests=len(ledger.answers),
         statuses={str(k): v for k, v in sorted(statuses.items())},
         in_flight_requests_answered_503=in_flight_503,
+        replayed_enqueues=len(replays),
         enqueues_retried_after_503=ledger.retried_enqueues,
         of_which_had_committed=ledger.committed_before_503,
         slowest_answer_s=round(slowest, 2),
