@@ -132,7 +132,8 @@ async def close_pool() -> None:
 # timeouts acquiring a connection or running a statement. InternalClientError: a pooled
 # connection whose backend was just terminated can be handed out before asyncpg has
 # seen its socket close; its next statement then fails with "cannot switch to state
-# 12; another operation (2) is in progress" (found by tests/test_faults.py).
+# 12; another operation (2) is in progress" (found by tests/test_faults.py). And a
+# server with no connection slot left ("sorry, too many clients already").
 UNAVAILABLE = (
     OSError,
     TimeoutError,
@@ -140,6 +141,7 @@ UNAVAILABLE = (
     asyncpg.exceptions.InternalClientError,
     asyncpg.exceptions.PostgresConnectionError,
     asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.TooManyConnectionsError,
 )
 
 

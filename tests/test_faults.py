@@ -6,9 +6,9 @@
   under load: requests in flight get a 503 with a JSON body within a bounded time,
   nothing that was answered 2xx is lost, retried enqueues get the same job, and the
   process serves on without a restart.
-- PostgreSQL itself is stopped and started again (a private server: the machine's
-  shared one is not ours to restart): /health and the API say 503 while it is down,
-  and the same process serves again once it is back.
+- On a private PostgreSQL (the machine's shared one is not ours to exhaust or
+  restart): every connection slot taken, then the server stopped and started again.
+  /health and the API say 503 meanwhile, and the same process serves again after.
 """
 
 from __future__ import annotations
@@ -444,8 +444,14 @@ async def test_postgresql_stopped_and_started_again(tmp_path):
         )
         _, err = await asyncio.wait_for(migrate.communicate(), 120)
         assert migrate.returncode == 0, err.decode()[-2000:]
+        # One pooled connection to start with, and no sweeper taking more on its own:
+        # the slots phase below needs to know which connections the app holds.
         server = LoggedServer(
-            url, 1, DB_TIMEOUT_SECONDS=str(DB_TIMEOUT), SWEEP_INTERVAL_SECONDS="1"
+            url,
+            1,
+            DB_TIMEOUT_SECONDS=str(DB_TIMEOUT),
+            DB_POOL_MIN_SIZE="1",
+            SWEEP_INTERVAL_SECONDS="3600",
         )
         await server.wait_ready()
         figures = await _restart_scenario(server, pg, url)
@@ -464,6 +470,58 @@ async def _timed(request: Any) -> tuple[httpx.Response, float]:
     return r, time.monotonic() - started
 
 
+async def _no_connection_slots_left(
+    c: httpx.AsyncClient, pg: PrivatePostgres, url: str, job_id: str
+) -> dict[str, object]:
+    """Every connection slot of the server taken (possible only on our own server):
+    requests that need a new connection get 503, and all is well once slots free up."""
+    holder = await asyncpg.connect(url)
+    await holder.execute("BEGIN")
+    await holder.execute(
+        "SELECT 1 FROM provisioning_jobs WHERE id = $1 FOR UPDATE", uuid.UUID(job_id)
+    )
+    # The app's one pooled connection is kept busy (a heartbeat waits for the lock) ...
+    busy = asyncio.create_task(
+        c.post(f"/api/callbacks/jobs/{job_id}/heartbeat", **_signed({"attempt": 1}))
+    )
+
+    async def waiting() -> bool:
+        return await lock_waiters(holder) >= 1
+
+    await wait_for(waiting, DB_TIMEOUT - 1, "the heartbeat blocked on the lock")
+    # ... and every other slot is taken.
+    fillers: list[asyncpg.Connection] = []
+    try:
+        for _ in range(500):
+            try:
+                fillers.append(await asyncpg.connect(pg.uri()))
+            except asyncpg.exceptions.TooManyConnectionsError:
+                break
+        else:
+            raise AssertionError("the server never ran out of connection slots")
+        refused = [
+            await _timed(c.get(f"/api/jobs/{job_id}")),
+            await _timed(c.get("/api/jobs")),
+            await _timed(
+                c.post(f"/api/callbacks/jobs/{job_id}/heartbeat", **_signed({"attempt": 1}))
+            ),
+        ]
+        health, _ = await _timed(c.get("/health"))
+    finally:
+        for filler in fillers:
+            await filler.close()
+        await holder.execute("ROLLBACK")
+        await holder.close()
+    for r, elapsed in refused:
+        assert_503(r)
+        assert elapsed < ANSWER_BOUND
+    assert health.status_code == 503
+    assert (await busy).status_code in (204, 503)  # done, or timed out waiting for the lock
+    assert (await c.get("/health")).status_code == 200
+    assert (await c.get(f"/api/jobs/{job_id}")).status_code == 200
+    return {"connection_slots_taken": len(fillers), "requests_without_a_slot": len(refused) + 1}
+
+
 async def _restart_scenario(
     server: LoggedServer, pg: PrivatePostgres, url: str
 ) -> dict[str, object]:
@@ -476,6 +534,8 @@ async def _restart_scenario(
         assert (
             await callback(c, job_id, "status", {"attempt": 1, "status": "provisioning"})
         ).status_code == 200
+        slots = await _no_connection_slots_left(c, pg, url, job_id)
+        heartbeat_before = (await c.get(f"/api/jobs/{job_id}")).json()["last_heartbeat_at"]
 
         # Requests in flight when PostgreSQL goes: heartbeats queued behind a row lock.
         holder = await asyncpg.connect(url)
@@ -540,7 +600,7 @@ async def _restart_scenario(
         # enqueue gets the same job, and new work goes through.
         got = await c.get(f"/api/jobs/{job_id}")
         assert got.status_code == 200 and got.json()["status"] == "provisioning"
-        assert (got.json()["last_heartbeat_at"] is not None) == (recorded > 0)
+        assert (got.json()["last_heartbeat_at"] != heartbeat_before) == (recorded > 0)
         again = await c.post("/api/jobs", json=enqueue)
         assert again.status_code == 200 and again.json()["id"] == job_id
         assert (await callback(c, job_id, "heartbeat", {"attempt": 1})).status_code == 204
@@ -563,6 +623,7 @@ async def _restart_scenario(
         await check.close()
     return dict(
         postgres="private PostgreSQL 16 (pgserver), stopped with pg_ctl -m fast",
+        **slots,
         in_flight_requests=len(in_flight),
         in_flight_answered_503=len(in_flight) - recorded,
         in_flight_committed_first_204=recorded,
