@@ -5,7 +5,7 @@ the same statements behind the same server (`bench/bare_app.py` under uvicorn wi
 Load comes from a separate process on loopback: wrk when installed (one thread,
 16 connections, a Lua script cycling over job ids; the callback signature is
 computed before each run, well inside its 300 s tolerance, since it covers the
-body and timestamp only), else `python -m bench.loader`.
+body and timestamp only), else (or with BENCH_LOADER=python) `python -m bench.loader`.
 """
 
 from __future__ import annotations
@@ -172,7 +172,7 @@ async def _load(endpoint: Endpoint, port: int, duration: float, workdir: Path) -
     headers = dict(endpoint.headers)
     if "X-Signature" in headers:
         headers["X-Signature"] = _sign(headers["X-Signature"], endpoint.body)
-    wrk = shutil.which("wrk")
+    wrk = None if os.environ.get("BENCH_LOADER") == "python" else shutil.which("wrk")
     if wrk:
         script = workdir / f"{endpoint.name}.lua"
         script.write_text(
