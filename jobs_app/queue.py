@@ -386,45 +386,45 @@ async def update_job_status(
     return _explain_unmoved(row, job_id, attempt, wanted, repeat_ok=repeat_ok)
 
 
+# A heartbeat is no transition: a plain conditional UPDATE, no row lock taken first
+# and no history row. No index covers the columns it writes, so it is a HOT update.
 _HEARTBEAT = _Statement(
     f"""
-    WITH locked AS (
-        SELECT {JOB_COLUMNS} FROM provisioning_jobs WHERE id = :job_id FOR UPDATE
-    ), moved AS (
-        UPDATE provisioning_jobs AS j SET last_heartbeat_at = now(), updated_at = now()
-        FROM locked
-        WHERE j.id = locked.id AND locked.status = 'provisioning' AND locked.attempt = :attempt
-        RETURNING {_J_COLUMNS}
-    )
-    SELECT true AS moved, {JOB_COLUMNS} FROM moved
-    UNION ALL
-    SELECT false, {JOB_COLUMNS} FROM locked WHERE NOT EXISTS (SELECT 1 FROM moved)
+    UPDATE provisioning_jobs SET last_heartbeat_at = now(), updated_at = now()
+    WHERE id = :job_id AND status = 'provisioning' AND attempt = :attempt
+    RETURNING {JOB_COLUMNS}
     """
 )
+_BY_ID = _Statement(f"SELECT {JOB_COLUMNS} FROM provisioning_jobs WHERE id = :job_id")
 
 
 async def record_heartbeat(job_id: UUID, *, attempt: int) -> Job:
     """Note a sign of life from the workflow running this attempt.
 
     Only a provisioning job of the same attempt takes it: one whose timeout passed
-    but which the sweeper has not failed yet is still alive, and is kept.
+    but which the sweeper has not failed yet is still alive, and is kept. When it
+    is refused, one read says why (that path is rare: a late or confused caller).
     """
     row = await _fetchrow(_HEARTBEAT, job_id=job_id, attempt=attempt)
-    if row is not None and row["moved"]:
-        return _job(row, 1)
+    if row is not None:
+        return _job(row)
+    row = await _fetchrow(_BY_ID, job_id=job_id)
     if row is None:
         raise errors.NotFoundError("job not found", job_id=str(job_id))
-    job = _job(row, 1)
+    job = _job(row)
     if job.attempt != attempt:
         raise errors.StaleAttemptError(
             f"attempt {attempt} is not the job's current attempt {job.attempt}",
             current_attempt=job.attempt,
             attempt=attempt,
         )
-    raise errors.InvalidTransitionError(
-        f"heartbeats are only taken while provisioning; the job is {job.status}",
-        current_status=str(job.status),
-    )
+    if job.status != JobStatus.PROVISIONING:
+        raise errors.InvalidTransitionError(
+            f"heartbeats are only taken while provisioning; the job is {job.status}",
+            current_status=str(job.status),
+        )
+    # It became provisioning between the two statements (claimed just now): take it.
+    return await record_heartbeat(job_id, attempt=attempt)
 
 
 _RETRY = _locked_update(

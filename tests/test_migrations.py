@@ -19,7 +19,8 @@ from jobs_app.database import MIGRATION_LOCK_KEY
 ROOT = Path(__file__).resolve().parent.parent
 MIGRATIONS_DIR = ROOT / "piccolo_migrations"
 RAW_MIGRATION_ID = "2026-11-28T15:47:22:780809"
-JOBS_APP_MIGRATIONS = {"2026-11-28T15:47:21:951867", RAW_MIGRATION_ID}
+HOT_MIGRATION_ID = "2026-11-28T16:49:37:971669"
+JOBS_APP_MIGRATIONS = {"2026-11-28T15:47:21:951867", RAW_MIGRATION_ID, HOT_MIGRATION_ID}
 TABLES = {"users", "agents", "provisioning_jobs", "job_events"}
 TIMEOUT = 60
 TRIGGER_COUNT = (
@@ -201,10 +202,20 @@ async def test_backwards_undoes_the_raw_migration_and_forwards_restores_it(
         )
         assert await has_index(conn, "provisioning_jobs_one_active_per_user")
 
+        reloptions = "SELECT reloptions FROM pg_class WHERE relname = 'provisioning_jobs'"
+        assert await conn.fetchval(reloptions) == ["fillfactor=80"]
+        # Back to (and including) the raw constraints migration: the HOT one goes first.
         output = await piccolo(
-            "migrations", "backwards", "jobs_app", "--auto_agree", url=empty_database
+            "migrations",
+            "backwards",
+            "jobs_app",
+            RAW_MIGRATION_ID,
+            "--auto_agree",
+            url=empty_database,
         )
         assert RAW_MIGRATION_ID in output
+        assert HOT_MIGRATION_ID in output
+        assert await conn.fetchval(reloptions) is None
         for index in ("provisioning_jobs_one_active_per_user", "provisioning_jobs_agent_newest"):
             assert not await has_index(conn, index)
         assert not await conn.fetchval(TRIGGER_COUNT)
@@ -221,10 +232,11 @@ async def test_backwards_undoes_the_raw_migration_and_forwards_restores_it(
             await conn.fetchval("SELECT attempt FROM provisioning_jobs WHERE id = $1", job_id) == 2
         )
         remaining = {name for app, name in await applied(empty_database) if app == "jobs_app"}
-        assert remaining == JOBS_APP_MIGRATIONS - {RAW_MIGRATION_ID}
+        assert remaining == JOBS_APP_MIGRATIONS - {RAW_MIGRATION_ID, HOT_MIGRATION_ID}
 
         await piccolo("migrations", "forwards", "jobs_app", url=empty_database)
         assert await has_index(conn, "provisioning_jobs_one_active_per_user")
+        assert await conn.fetchval(reloptions) == ["fillfactor=80"]
         assert await conn.fetchval(TRIGGER_COUNT) == 1
         generated = await conn.fetchval(
             "SELECT is_generated FROM information_schema.columns "

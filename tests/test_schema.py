@@ -315,3 +315,25 @@ async def test_lookups_can_use_their_index(db, query, arg, index) -> None:
         plan = "\n".join(r[0] for r in await db.fetch(f"EXPLAIN {query}", arg))
     assert index in plan, plan
     assert "Seq Scan" not in plan, plan
+
+
+async def test_heartbeats_can_be_hot_updates(db):
+    """No index covers what a heartbeat writes, and pages keep free room: PostgreSQL
+    can update the row in place (HOT) without touching any index."""
+    covered = await db.fetch(
+        """SELECT i.indexrelid::regclass::text AS index
+           FROM pg_index i
+           JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
+           WHERE i.indrelid = 'provisioning_jobs'::regclass
+             AND a.attname IN ('last_heartbeat_at', 'updated_at')
+           UNION
+           SELECT indexrelid::regclass::text FROM pg_index
+           WHERE indrelid = 'provisioning_jobs'::regclass
+             AND (pg_get_expr(indexprs, indrelid) ~ '(last_heartbeat_at|updated_at)'
+                  OR pg_get_expr(indpred, indrelid) ~ '(last_heartbeat_at|updated_at)')"""
+    )
+    assert covered == []
+    options = await db.fetchval(
+        "SELECT reloptions FROM pg_class WHERE relname = 'provisioning_jobs'"
+    )
+    assert options == ["fillfactor=80"]
