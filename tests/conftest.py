@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
+import threading
 import uuid
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit, urlunsplit
@@ -117,81 +120,6 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class ServerProcess:
-    """A real `jobs-app serve` process on loopback, on the test database."""
-
-    def __init__(self, database_url: str, workers: int = 1, **env: str) -> None:
-        import subprocess
-        import sys
-
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        full_env = {
-            **os.environ,
-            "DATABASE_URL": database_url,
-            "DB_POOL_MAX_SIZE": "8",
-            "PROMETHEUS_MULTIPROC_DIR": "",
-            **env,
-        }
-        full_env.pop("PROMETHEUS_MULTIPROC_DIR")
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "jobs_app.cli",
-                "serve",
-                "--port",
-                str(self.port),
-                "--workers",
-                str(workers),
-            ],
-            env=full_env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-
-    async def wait_ready(self, within: float = 30.0) -> None:
-        import httpx
-
-        deadline = asyncio.get_running_loop().time() + within
-        async with httpx.AsyncClient() as client:
-            while True:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"server exited: {self.proc.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
-                try:
-                    if (await client.get(f"{self.url}/health", timeout=1)).status_code == 200:
-                        return
-                except httpx.TransportError:
-                    pass
-                if asyncio.get_running_loop().time() > deadline:
-                    raise TimeoutError("server did not become healthy")
-                await asyncio.sleep(0.1)  # polling a starting process, not synchronising tests
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=15)
-        except Exception:
-            self.proc.kill()
-            self.proc.wait()
-
-
-@pytest.fixture
-async def start_server(database: str) -> AsyncIterator:  # type: ignore[type-arg]
-    """Factory: `await start_server(workers=2, SWEEP_INTERVAL_SECONDS="0.2")` -> ServerProcess."""
-    servers: list[ServerProcess] = []
-
-    async def start(workers: int = 1, **env: str) -> ServerProcess:
-        server = ServerProcess(database, workers, **env)
-        servers.append(server)
-        await server.wait_ready()
-        return server
-
-    yield start
-    for server in servers:
-        server.stop()
-
-
 @pytest.fixture
 async def client(database: str) -> AsyncIterator:  # type: ignore[type-arg]
     """An httpx client on the app in this process and event loop (the pool is the session's)."""
@@ -210,12 +138,12 @@ CALLBACK_SECRET = "test-callback-secret"
 STRIPE_SECRET = "whsec_test_secret"
 
 
-# --------------------------------------------------------------------------- servers with kept logs
+# --------------------------------------------------------------------------- server processes
 
 
-class LoggedServer(ServerProcess):
-    """A `jobs-app serve` process whose output (stderr and stdout together) is read on a
-    thread from the start.
+class LoggedServer:
+    """A real `jobs-app serve` process on loopback, on the test database, whose output
+    (stderr and stdout together) is read on a thread from the start.
 
     A chatty process (warnings under database faults) never blocks on a full pipe, and
     everything it printed or logged stays available: `server.log_text()`.
@@ -223,11 +151,7 @@ class LoggedServer(ServerProcess):
 
     def __init__(
         self, database_url: str, workers: int = 1, *args: str, **env: str
-    ) -> None:  # same as ServerProcess, but stdout is kept and `args` go to `serve`
-        import subprocess
-        import sys
-        import threading
-
+    ) -> None:  # `args` go to `serve`, `env` over this process's environment
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         full_env = {**os.environ, "DATABASE_URL": database_url, "DB_POOL_MAX_SIZE": "8", **env}
@@ -270,13 +194,18 @@ class LoggedServer(ServerProcess):
         raise RuntimeError(f"server exited: {self.log_text()[-2000:]}")
 
     def stop(self) -> None:
-        super().stop()
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
         self._reader.join(timeout=5)
 
 
 @pytest.fixture
 async def start_logged_server(database: str) -> AsyncIterator:  # type: ignore[type-arg]
-    """Like start_server, with the output kept: `await start_logged_server(1, *args, **env)`."""
+    """Factory: `server = await start_logged_server(workers, *serve_args, **env)`."""
     servers: list[LoggedServer] = []
 
     async def start(workers: int = 1, *args: str, **env: str) -> LoggedServer:
