@@ -27,10 +27,15 @@ from jobs_app.http.schemas import (
 from jobs_app.lifecycle import Actor, JobStatus
 
 
-class UserController(Controller):
-    path = "/api/users"
+class _DashboardController(Controller):
+    """Routes the dashboard calls: all need `Authorization: Bearer $JOBS_API_TOKEN`."""
+
     guards = [require_api_token]  # noqa: RUF012
     security = [{"bearer": []}]  # noqa: RUF012
+
+
+class UserController(_DashboardController):
+    path = "/api/users"
     tags = ["users"]  # noqa: RUF012
 
     @post(responses=error_responses(401, 409, 413))
@@ -39,10 +44,8 @@ class UserController(Controller):
         return await queue.create_user(data.email)
 
 
-class AgentController(Controller):
+class AgentController(_DashboardController):
     path = "/api/agents"
-    guards = [require_api_token]  # noqa: RUF012
-    security = [{"bearer": []}]  # noqa: RUF012
     tags = ["agents"]  # noqa: RUF012
 
     @post(responses=error_responses(401, 404, 413))
@@ -62,10 +65,8 @@ class AgentController(Controller):
 _LIST_PARAMETERS = frozenset({"user_id", "agent_id", "status", "limit", "cursor"})
 
 
-class JobController(Controller):
+class JobController(_DashboardController):
     path = "/api/jobs"
-    guards = [require_api_token]  # noqa: RUF012
-    security = [{"bearer": []}]  # noqa: RUF012
     tags = ["jobs"]  # noqa: RUF012
 
     @post(
