@@ -271,7 +271,7 @@ async def check_concurrent_provision(user_id: UUID) -> None:
 
 # --------------------------------------------------------------------------- transitions
 
-# Every row-changing statement below has the same shape: lock the row in a CTE
+# Every transition below (enqueue and heartbeat aside) has one shape: lock the row in a CTE
 # (so the old status and attempt are the latest committed ones, not a snapshot's),
 # update it only if the rules hold, record the event, and return either the moved
 # row (moved = true) or the locked row unchanged (moved = false) for the caller to
