@@ -324,6 +324,7 @@ def create_admin_app(settings: Settings) -> Any:
         auth_table=BaseUser,
         session_table=SessionsBase,
         production=settings.production,
+        allowed_hosts=settings.admin_allowed_hosts,
         site_name=SITE_NAME,
         auto_include_related=False,
         sidebar_links={

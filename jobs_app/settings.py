@@ -27,6 +27,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """Generate missing secrets instead of refusing to start (never in production)."""
     production: bool = False
     """HTTPS deployment: the admin's session cookies are marked Secure."""
+    admin_allowed_hosts: tuple[str, ...] = ()
+    """Host names the admin's CSRF check accepts as Referer when served over HTTPS."""
     job_timeout_seconds: int = lifecycle.JOB_TIMEOUT_SECONDS
     job_deadline_seconds: int = lifecycle.JOB_DEADLINE_SECONDS
     queue_timeout_seconds: int = lifecycle.QUEUE_TIMEOUT_SECONDS
@@ -91,6 +93,9 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         stripe_webhook_secret=e.get("STRIPE_WEBHOOK_SECRET", ""),
         dev_mode=e.get("JOBS_DEV_MODE", "").lower() in _TRUE,
         production=e.get("JOBS_PRODUCTION", "").lower() in _TRUE,
+        admin_allowed_hosts=tuple(
+            h.strip() for h in e.get("JOBS_ADMIN_ALLOWED_HOSTS", "").split(",") if h.strip()
+        ),
         job_timeout_seconds=int(_env_number(e, "JOB_TIMEOUT_SECONDS", d.job_timeout_seconds)),
         job_deadline_seconds=int(_env_number(e, "JOB_DEADLINE_SECONDS", d.job_deadline_seconds)),
         queue_timeout_seconds=int(_env_number(e, "QUEUE_TIMEOUT_SECONDS", d.queue_timeout_seconds)),

@@ -593,3 +593,11 @@ async def test_find_jobs_of_a_user_by_email(
     await queue.create_user("idle@example.com")
     idle = await submit(client, "find-jobs-of-a-user-by-email", email="idle@example.com")
     assert "has no jobs" in idle.json()["custom_form_success"]
+
+
+def test_admin_allowed_hosts_come_from_the_environment():
+    from jobs_app.settings import load_settings
+
+    settings = load_settings({"JOBS_ADMIN_ALLOWED_HOSTS": "ops.example.com, admin.example.com,"})
+    assert settings.admin_allowed_hosts == ("ops.example.com", "admin.example.com")
+    assert load_settings({}).admin_allowed_hosts == ()
