@@ -203,6 +203,23 @@ class LoggedServer:
         self._reader.join(timeout=5)
 
 
+@pytest.fixture(scope="module")
+async def server(database: str) -> AsyncIterator[LoggedServer]:
+    """One server process for a whole test module (its tests reset the tables).
+
+    Afterwards the module fails if the app logged an error it did not expect: it logs
+    every 500 it answers and every exception it did not handle.
+    """
+    process = LoggedServer(database, 1)
+    try:
+        await process.wait_ready()
+        yield process
+    finally:
+        process.stop()
+    assert "unhandled error" not in process.log_text(), process.log_text()[-3000:]
+    assert "Traceback" not in process.log_text(), process.log_text()[-3000:]
+
+
 @pytest.fixture
 async def start_logged_server(database: str) -> AsyncIterator:  # type: ignore[type-arg]
     """Factory: `server = await start_logged_server(workers, *serve_args, **env)`."""

@@ -41,7 +41,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from jobs_app.http.auth import sign
-from tests.conftest import API_HEADERS, CALLBACK_SECRET, STRIPE_SECRET, LoggedServer, record_figure
+from tests.conftest import API_HEADERS, CALLBACK_SECRET, STRIPE_SECRET, record_figure
 
 EXAMPLES_PER_OPERATION = 150
 """Hypothesis examples per operation and generation mode pass (positive + negative)."""
@@ -59,20 +59,6 @@ CHECKS = [
 OPEN = ("/health", "/metrics")
 
 APP_TABLES = ("users", "agents", "provisioning_jobs", "job_events")
-
-
-@pytest.fixture(scope="module")
-async def server(database: str) -> Any:
-    """One server process for the whole module (every test here resets the tables)."""
-    process = LoggedServer(database, 1)
-    try:
-        await process.wait_ready()
-        yield process
-    finally:
-        process.stop()
-    # The app logs every 500 it answers (and every exception it did not expect).
-    assert "unhandled error" not in process.log_text(), process.log_text()[-3000:]
-    assert "Traceback" not in process.log_text(), process.log_text()[-3000:]
 
 
 async def table_counts(db: asyncpg.Connection) -> dict[str, int]:

@@ -18,7 +18,6 @@ from typing import Any
 
 import asyncpg
 import httpx
-import pytest
 import stripe
 
 from jobs_app.http import auth
@@ -61,17 +60,6 @@ def _assert_401(response: httpx.Response) -> None:
     assert response.status_code == 401, (response.request.url, response.text[:300])
     assert response.headers["content-type"].startswith("application/json")
     assert response.json()["status_code"] == 401
-
-
-@pytest.fixture(scope="module")
-async def server(database: str) -> Any:
-    process = LoggedServer(database, 1)
-    try:
-        await process.wait_ready()
-        yield process
-    finally:
-        process.stop()
-    assert "unhandled error" not in process.log_text(), process.log_text()[-3000:]
 
 
 # --------------------------------------------------------------------------- bearer token
