@@ -40,7 +40,12 @@ async def test_dev_mode_generates_secrets_once_for_all_workers(database, tmp_pat
     with log.open("w") as out:
         proc = subprocess.Popen(  # noqa: ASYNC220 - spawning returns at once; nothing waits here
             [sys.executable, "-m", "jobs_app.cli", "serve", "--port", str(port), "--workers", "2"],
-            env=_env(database, JOBS_DEV_MODE="1", PYTHONUNBUFFERED="1"),
+            env=_env(
+                database,
+                JOBS_DEV_MODE="1",
+                PYTHONUNBUFFERED="1",
+                PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "metrics"),
+            ),
             stdout=out,
             stderr=subprocess.STDOUT,
         )
@@ -64,6 +69,13 @@ async def test_dev_mode_generates_secrets_once_for_all_workers(database, tmp_pat
                 *[client.get("/api/jobs", headers=headers) for _ in range(20)]
             )
             assert {r.status_code for r in answers} == {200}
+            # Metrics are summed over both workers (prometheus multiprocess mode).
+            metrics = (await client.get("/metrics")).text
+            line = 'jobs_http_requests_total{method="GET",route="/api/jobs",status="200"}'
+            counted = [float(x.split()[-1]) for x in metrics.splitlines() if x.startswith(line)]
+            assert counted == [20.0], metrics
+            # ... and both workers counted some of them.
+            assert len(list((tmp_path / "metrics").glob("counter_*.db"))) == 2
     finally:
         proc.terminate()
         proc.wait(timeout=20)
