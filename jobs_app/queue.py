@@ -423,8 +423,11 @@ async def record_heartbeat(job_id: UUID, *, attempt: int) -> Job:
             f"heartbeats are only taken while provisioning; the job is {job.status}",
             current_status=str(job.status),
         )
-    # It became provisioning between the two statements (claimed just now): take it.
-    return await record_heartbeat(job_id, attempt=attempt)
+    # It was claimed between the two statements: take the heartbeat now, once.
+    row = await _fetchrow(_HEARTBEAT, job_id=job_id, attempt=attempt)
+    if row is None:
+        raise errors.ConflictError("the job changed while the heartbeat arrived; send it again")
+    return _job(row)
 
 
 _RETRY = _locked_update(
