@@ -60,7 +60,8 @@ async def heartbeat(job_id: UUID, data: Heartbeat) -> None:
     assert _pool is not None
     statement = queue._HEARTBEAT
     await _pool.fetchrow(
-        statement.sql, *statement.args({"job_id": job_id, "attempt": data.attempt})
+        statement.sql,
+        *statement.args({"job_id": job_id, "attempt": data.attempt, "dispatch_id": None}),
     )
 
 

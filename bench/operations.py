@@ -111,16 +111,27 @@ OPERATIONS: dict[str, Operation] = {
                     _T[JobStatus.PROVISIONING],
                     workflow_run_id=_WORKFLOW_RUN,
                     attempt=1,
+                    dispatch_id=None,
                     actor=Actor.WORKFLOW,
                 ),
             ),
         ),
-        Operation("heartbeat", False, _heartbeat, (_step(queue._HEARTBEAT, attempt=1),)),
+        Operation(
+            "heartbeat", False, _heartbeat, (_step(queue._HEARTBEAT, attempt=1, dispatch_id=None),)
+        ),
         Operation(
             "complete",
             True,
             _complete,
-            (_step(_T[JobStatus.RUNNING], workflow_run_id=None, attempt=1, actor=Actor.WORKFLOW),),
+            (
+                _step(
+                    _T[JobStatus.RUNNING],
+                    workflow_run_id=None,
+                    attempt=1,
+                    dispatch_id=None,
+                    actor=Actor.WORKFLOW,
+                ),
+            ),
         ),
         Operation(
             "fail+retry",
@@ -134,6 +145,7 @@ OPERATIONS: dict[str, Operation] = {
                     error="bench failure",
                     failed_step=None,
                     failure_reason=FailureReason.WORKFLOW_ERROR,
+                    dispatch_id=None,
                     actor=Actor.WORKFLOW,
                 ),
                 _step(queue._RETRY, grant_extra=False, actor=Actor.API, reason="retry"),

@@ -52,8 +52,10 @@ async def lifecycle(ctx: Context) -> dict[str, Any]:
         await queue.update_job_status(job.id, status=JobStatus.RUNNING, attempt=job.attempt)
 
     pool = await raw_pool(ctx.url)
-    claim = queue._TRANSITION_STATEMENTS[JobStatus.PROVISIONING].sql
-    running = queue._TRANSITION_STATEMENTS[JobStatus.RUNNING].sql
+    claim = queue._TRANSITION_STATEMENTS[JobStatus.PROVISIONING]
+    running = queue._TRANSITION_STATEMENTS[JobStatus.RUNNING]
+    heartbeat = queue._HEARTBEAT
+    step = {"attempt": 1, "actor": Actor.WORKFLOW, "dispatch_id": None}
 
     async def raw_lifecycle(user_id: Any, agent_id: Any) -> None:
         """The same six statements on a plain pool of the same size."""
@@ -63,10 +65,14 @@ async def lifecycle(ctx: Context) -> dict[str, Any]:
         )
         assert row is not None
         job_id = row["id"]
-        await pool.fetchrow(claim, job_id, "wf", 1, Actor.WORKFLOW)
+        await pool.fetchrow(
+            claim.sql, *claim.args(step | {"job_id": job_id, "workflow_run_id": "wf"})
+        )
         for _ in range(3):
-            await pool.fetchrow(queue._HEARTBEAT.sql, job_id, 1)
-        await pool.fetchrow(running, job_id, None, 1, Actor.WORKFLOW)
+            await pool.fetchrow(heartbeat.sql, *heartbeat.args(step | {"job_id": job_id}))
+        await pool.fetchrow(
+            running.sql, *running.args(step | {"job_id": job_id, "workflow_run_id": None})
+        )
 
     await ctx.conn.execute(
         "CREATE TABLE IF NOT EXISTS bench_commit_limit (id int PRIMARY KEY, n bigint NOT NULL)"

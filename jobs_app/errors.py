@@ -51,6 +51,11 @@ class StaleAttemptError(ConflictError):
     """A callback names another attempt than the job's current one."""
 
 
+class SupersededDispatchError(ConflictError):
+    """A callback comes from a dispatch that is not (or can no longer be) the one its
+    attempt is bound to: another run of the same attempt moves the job."""
+
+
 class InvalidReferenceError(DomainError):
     """The request names things that exist but do not belong together (an agent of another user)."""
 

@@ -42,6 +42,8 @@ class FailureReason(StrEnum):
     DEADLINE_EXCEEDED = "deadline_exceeded"
     QUEUE_TIMEOUT = "queue_timeout"
     OPERATOR = "operator"
+    DISPATCH_ERROR = "dispatch_error"
+    """GitHub refused the dispatch for good, or no dispatch succeeded before the deadline."""
 
 
 class Actor(StrEnum):
@@ -85,3 +87,31 @@ TRANSITIONS: dict[JobStatus, Transition] = {
 only `retry_job` re-queues, from `failed`, within the retry budget."""
 
 RETRY_SOURCES = (JobStatus.FAILED,)
+
+
+class DispatchState(StrEnum):
+    """A dispatch's own progress, kept apart from the job's status."""
+
+    PENDING = "pending"
+    """Claimed: the request is about to be sent, or waits to go again (nothing reached GitHub)."""
+    UNKNOWN = "unknown"
+    """The request may have started a run: reconcile before sending another."""
+    DISPATCHED = "dispatched"
+    """GitHub accepted it (or its run called back): a run exists."""
+    LOST = "lost"
+    """Reconciliation found no run within the grace period: a new dispatch replaces it."""
+    SUPERSEDED = "superseded"
+    """Another dispatch of the same attempt bound the job first."""
+    FAILED = "failed"
+    """Refused for good (or the deadline passed): the job failed with dispatch_error."""
+
+
+LIVE_DISPATCH_STATES = (DispatchState.PENDING, DispatchState.UNKNOWN, DispatchState.DISPATCHED)
+"""At most one dispatch per job attempt is in one of these (a partial unique index)."""
+WORKING_DISPATCH_STATES = (DispatchState.PENDING, DispatchState.UNKNOWN)
+"""Dispatches the dispatcher still has work on."""
+
+DISPATCH_DEADLINE_SECONDS = 600
+"""No successful dispatch this long after the attempt's first one: the job fails."""
+DISPATCH_RECONCILE_GRACE_SECONDS = 120
+"""How long a run is looked for after an unknown outcome before a new dispatch."""

@@ -30,6 +30,8 @@ class Job(msgspec.Struct, kw_only=False):
     completed_at: datetime | None
     created_at: datetime
     updated_at: datetime
+    dispatch_id: UUID | None
+    """The dispatch this attempt is bound to (set by its first callback that names one)."""
 
 
 class JobEvent(msgspec.Struct):

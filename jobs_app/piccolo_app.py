@@ -4,14 +4,22 @@ from pathlib import Path
 
 from piccolo.conf.apps import AppConfig
 
-from jobs_app.tables import Agent, JobEvent, ProvisioningJob, User
+from jobs_app.tables import (
+    Agent,
+    Dispatch,
+    DispatchTry,
+    JobEvent,
+    ProvisioningJob,
+    RunCancellation,
+    User,
+)
 
 MIGRATIONS_FOLDER = Path(__file__).resolve().parent.parent / "piccolo_migrations"
 
 APP_CONFIG = AppConfig(
     app_name="jobs_app",
     migrations_folder_path=str(MIGRATIONS_FOLDER),
-    table_classes=[User, Agent, ProvisioningJob, JobEvent],
+    table_classes=[User, Agent, ProvisioningJob, JobEvent, Dispatch, DispatchTry, RunCancellation],
     migration_dependencies=[],
     commands=[],
 )

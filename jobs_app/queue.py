@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import re
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -23,7 +22,6 @@ import asyncpg
 import msgspec
 
 from jobs_app import errors, metrics
-from jobs_app.database import connection
 from jobs_app.lifecycle import (
     ACTIVE_STATUSES,
     CONCURRENT_PROVISION_MESSAGE,
@@ -38,6 +36,9 @@ from jobs_app.lifecycle import (
 )
 from jobs_app.models import Agent, Enqueued, Job, JobEvent, JobPage, User
 from jobs_app.settings import get_settings
+from jobs_app.sql import Statement as _Statement
+from jobs_app.sql import fetch as _fetch
+from jobs_app.sql import fetchrow as _fetchrow
 
 __all__ = [
     "HEARTBEAT_INTERVAL_SECONDS",
@@ -60,27 +61,6 @@ __all__ = [
 ]
 
 
-class _Statement:
-    """SQL written with :named parameters, compiled once to asyncpg's $n form."""
-
-    _PARAM = re.compile(r"(?<![:\w]):([a-z_]+)\b")
-
-    def __init__(self, template: str) -> None:
-        names: list[str] = []
-
-        def number(match: re.Match[str]) -> str:
-            name = match.group(1)
-            if name not in names:
-                names.append(name)
-            return f"${names.index(name) + 1}"
-
-        self.sql = self._PARAM.sub(number, template)
-        self.names = tuple(names)
-
-    def args(self, values: dict[str, Any]) -> list[Any]:
-        return [values[name] for name in self.names]
-
-
 def _sql_list(values: Sequence[str]) -> str:
     """A literal IN-list of our own enum values (never user input)."""
     return ", ".join(f"'{v}'" for v in values)
@@ -94,55 +74,6 @@ _ACTIVE = _sql_list(ACTIVE_STATUSES)
 def _job(record: asyncpg.Record, offset: int = 0) -> Job:
     # Statements select JOB_COLUMNS in field order, so the row maps positionally.
     return Job(*record[offset:])
-
-
-async def _fetchrow(statement: _Statement, **values: Any) -> asyncpg.Record | None:
-    async with connection() as conn:
-        try:
-            return await conn.fetchrow(statement.sql, *statement.args(values))
-        except asyncpg.PostgresError as exc:
-            raise _domain_error(exc) from exc
-
-
-async def _fetch(statement: _Statement, **values: Any) -> list[asyncpg.Record]:
-    async with connection() as conn:
-        try:
-            return await conn.fetch(statement.sql, *statement.args(values))
-        except asyncpg.PostgresError as exc:
-            raise _domain_error(exc) from exc
-
-
-_CONSTRAINT_ERRORS: dict[str, tuple[type[errors.DomainError], str]] = {
-    "provisioning_jobs_one_active_per_user": (
-        errors.ConcurrentProvisionError,
-        CONCURRENT_PROVISION_MESSAGE,
-    ),
-    "provisioning_jobs_user_id_fkey": (errors.NotFoundError, "user not found"),
-    "provisioning_jobs_agent_id_fkey": (errors.NotFoundError, "agent not found"),
-    "provisioning_jobs_agent_owner_fkey": (
-        errors.InvalidReferenceError,
-        "agent does not belong to this user",
-    ),
-    "agents_user_id_fkey": (errors.NotFoundError, "user not found"),
-    "users_email_key": (errors.DuplicateError, "a user with this email already exists"),
-    "job_events_actor_check": (
-        errors.BadRequestError,
-        "actor must be system, workflow, api or operator:<name>",
-    ),
-    "provisioning_jobs_retry_count_check": (
-        errors.RetriesExhaustedError,
-        "retries exhausted",
-    ),
-}
-
-
-def _domain_error(exc: asyncpg.PostgresError) -> Exception:
-    """Turn a constraint violation into the domain error it stands for."""
-    constraint = getattr(exc, "constraint_name", None)
-    if constraint in _CONSTRAINT_ERRORS:
-        cls, message = _CONSTRAINT_ERRORS[constraint]
-        return cls(message)
-    return exc
 
 
 # --------------------------------------------------------------------------- users, agents
@@ -299,22 +230,128 @@ def _locked_update(set_clause: str, condition: str, event_reason: str) -> _State
     )
 
 
+# Fencing by dispatch: a callback that names a dispatch moves the job only if the
+# attempt is bound to that dispatch, or is unbound and the dispatch was issued for it
+# (then the callback binds it). A callback naming none is not fenced (runs started by hand).
+_ISSUED = """EXISTS (SELECT 1 FROM dispatches d WHERE d.id = CAST(:dispatch_id AS uuid)
+                     AND d.job_id = p.id AND d.attempt = p.attempt)"""
+_FENCE_OK = """(CAST(:dispatch_id AS uuid) IS NULL OR p.dispatch_id = :dispatch_id
+                OR (p.dispatch_id IS NULL AND {issued}))"""
+
+# The runs to cancel when a job leaves an attempt other than by its workflow's own word
+# (an operator, a timeout): the job's known run and every run its dispatches started.
+_KNOWN_RUNS = """SELECT m.workflow_run_id AS run_id
+                 UNION SELECT d.workflow_run_id FROM dispatches d
+                 WHERE d.job_id = m.id AND d.attempt = m.attempt"""
+
+
+def _cancel_known_runs(moved: str, reason: str, condition: str = "true") -> str:
+    return f"""
+        INSERT INTO run_cancellations (workflow_run_id, job_id, reason)
+        SELECT DISTINCT r.run_id, m.id, {reason}
+        FROM {moved} AS m CROSS JOIN LATERAL ({_KNOWN_RUNS}) AS r
+        WHERE r.run_id IS NOT NULL AND {condition}
+        ON CONFLICT (workflow_run_id) DO NOTHING"""
+
+
 def _transition_statement(to: JobStatus) -> _Statement:
+    """One transition in one statement: lock, fence, move, record, bind, cancel losers."""
     rule = TRANSITIONS[to]
-    sets = [f"status = '{to}'", "workflow_run_id = COALESCE(:workflow_run_id, j.workflow_run_id)"]
+    sets = [
+        f"status = '{to}'",
+        "workflow_run_id = COALESCE(:workflow_run_id, j.workflow_run_id)",
+        "dispatch_id = COALESCE(j.dispatch_id, :dispatch_id)",
+    ]
     sets += [f"{column} = now()" for column in rule.stamps]
     reason = ":workflow_run_id"
     if rule.carries_failure:
         sets += ["error = :error", "failed_step = :failed_step", "failure_reason = :failure_reason"]
         reason = ":error"
-    condition = (
-        f"locked.status IN ({_sql_list(rule.sources)})"
-        " AND (CAST(:attempt AS integer) IS NULL OR locked.attempt = :attempt)"
+    fence_ok = _FENCE_OK.format(issued="p.issued")
+    return _Statement(
+        f"""
+        WITH locked AS (
+            SELECT {JOB_COLUMNS}, {_ISSUED} AS issued
+            FROM provisioning_jobs AS p WHERE id = :job_id FOR UPDATE
+        ), checked AS (
+            SELECT p.*, {fence_ok} AS fence_ok FROM locked AS p
+        ), moved AS (
+            UPDATE provisioning_jobs AS j SET {", ".join(sets)}, updated_at = now()
+            FROM checked AS locked
+            WHERE j.id = locked.id AND locked.fence_ok
+              AND locked.status IN ({_sql_list(rule.sources)})
+              AND (CAST(:attempt AS integer) IS NULL OR locked.attempt = :attempt)
+            RETURNING {_J_COLUMNS}, locked.status AS from_status, locked.dispatch_id AS bound_before
+        ), event AS (
+            INSERT INTO job_events (job_id, from_status, to_status, attempt, actor, reason)
+            SELECT id, from_status, status, attempt, :actor, {reason} FROM moved
+        ), bound AS (
+            -- The first callback of a dispatch: its run exists (a 204 or an unknown
+            -- outcome learns the run id here); any other live dispatch of the attempt lost.
+            UPDATE dispatches AS d SET
+                state = CASE WHEN d.state IN ('pending', 'unknown') THEN 'dispatched'
+                             ELSE d.state END,
+                workflow_run_id = COALESCE(d.workflow_run_id, :workflow_run_id),
+                dispatched_at = COALESCE(d.dispatched_at, now()),
+                lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
+            FROM moved WHERE d.id = :dispatch_id AND moved.bound_before IS NULL
+        ), superseded AS (
+            UPDATE dispatches AS d SET state = 'superseded', lease_owner = NULL,
+                lease_expires_at = NULL, updated_at = now()
+            FROM moved
+            WHERE d.job_id = moved.id AND d.attempt = moved.attempt AND moved.bound_before IS NULL
+              AND d.id <> :dispatch_id AND d.state IN ('pending', 'unknown', 'dispatched')
+            RETURNING d.id, d.job_id, d.workflow_run_id
+        ), cancel AS (
+            INSERT INTO run_cancellations (workflow_run_id, job_id, dispatch_id, reason)
+            SELECT workflow_run_id, job_id, id, 'superseded: its attempt is bound to another run'
+            FROM superseded WHERE workflow_run_id IS NOT NULL
+            UNION ALL
+            SELECT :workflow_run_id, p.id, :dispatch_id,
+                   'refused callback of a superseded or stale dispatch'
+            FROM checked AS p
+            WHERE CAST(:dispatch_id AS uuid) IS NOT NULL AND :workflow_run_id IS NOT NULL
+              AND (NOT p.fence_ok OR p.attempt <> :attempt)
+            ON CONFLICT (workflow_run_id) DO NOTHING
+        ), cancel_known AS ({
+            _cancel_known_runs(
+                "moved",
+                "'job failed by ' || :actor",
+                "m.status = 'failed' AND :actor <> 'workflow'",
+            )
+        })
+        SELECT true AS moved, true AS issued, {JOB_COLUMNS} FROM moved
+        UNION ALL
+        SELECT false, issued, {JOB_COLUMNS} FROM locked WHERE NOT EXISTS (SELECT 1 FROM moved)
+        """
     )
-    return _locked_update(", ".join(sets), condition, reason)
 
 
 _TRANSITION_STATEMENTS = {to: _transition_statement(to) for to in TRANSITIONS}
+
+
+def _refusal(
+    job: Job, attempt: int | None, dispatch_id: UUID | None, issued: bool
+) -> errors.ConflictError | None:
+    """Why a callback for this attempt and dispatch may not touch the job, if it may not."""
+    if attempt is not None and job.attempt != attempt:
+        return errors.StaleAttemptError(
+            f"attempt {attempt} is not the job's current attempt {job.attempt}",
+            reason="stale_attempt",
+            current_attempt=job.attempt,
+            attempt=attempt,
+        )
+    bound_elsewhere = job.dispatch_id is not None and job.dispatch_id != dispatch_id
+    if dispatch_id is not None and (bound_elsewhere or (job.dispatch_id is None and not issued)):
+        return errors.SupersededDispatchError(
+            "this dispatch was superseded: another run moves this attempt"
+            if bound_elsewhere
+            else "this dispatch was not issued for the job's current attempt",
+            reason="superseded_dispatch",
+            dispatch_id=str(dispatch_id),
+            attempt=job.attempt,
+        )
+    return None
 
 
 def _explain_unmoved(
@@ -323,24 +360,23 @@ def _explain_unmoved(
     attempt: int | None,
     wanted: JobStatus,
     *,
+    dispatch_id: UUID | None = None,
     repeat_ok: bool = True,
 ) -> Job:
     """Nothing moved: the idempotent repeat, or the error that says why."""
     if row is None:
         raise errors.NotFoundError("job not found", job_id=str(job_id))
-    job = _job(row, 1)
-    if attempt is not None and job.attempt != attempt:
-        raise errors.StaleAttemptError(
-            f"attempt {attempt} is not the job's current attempt {job.attempt}",
-            current_attempt=job.attempt,
-            attempt=attempt,
-        )
+    job = _job(row, 2)
+    refusal = _refusal(job, attempt, dispatch_id, row["issued"])
+    if refusal is not None:
+        raise refusal
     if job.status == wanted and repeat_ok:
         return job
     raise errors.InvalidTransitionError(
         f"the job is already {wanted}"
         if job.status == wanted
         else f"cannot move a {job.status} job to {wanted}",
+        reason="invalid_transition",
         current_status=str(job.status),
         requested_status=str(wanted),
     )
@@ -351,6 +387,7 @@ async def update_job_status(
     *,
     status: JobStatus | str,
     attempt: int | None,
+    dispatch_id: UUID | None = None,
     workflow_run_id: str | None = None,
     error: str | None = None,
     failed_step: str | None = None,
@@ -363,18 +400,29 @@ async def update_job_status(
     Asking again for the status the job is in, for the same attempt, returns it
     unchanged with no new event (callbacks get retried); with `repeat_ok=False`
     (an operator's explicit action) that is an InvalidTransitionError instead.
+    A `dispatch_id` fences the callback: the first one of an attempt binds it, and
+    another one is SupersededDispatchError (its run, when named, is cancelled). A job
+    failed by anyone but its workflow has its known runs cancelled.
     """
     try:
         wanted = JobStatus(status)
     except ValueError:
-        raise errors.InvalidTransitionError(f"unknown status {status!r}") from None
+        raise errors.InvalidTransitionError(
+            f"unknown status {status!r}", reason="invalid_transition"
+        ) from None
     if wanted not in _TRANSITION_STATEMENTS:
         raise errors.InvalidTransitionError(
             f"a job cannot be moved to {wanted} by a status update; use retry",
+            reason="invalid_transition",
             requested_status=str(wanted),
         )
-    values: dict[str, Any] = {"job_id": job_id, "attempt": attempt, "actor": actor}
-    values["workflow_run_id"] = workflow_run_id
+    values: dict[str, Any] = {
+        "job_id": job_id,
+        "attempt": attempt,
+        "actor": actor,
+        "dispatch_id": dispatch_id,
+        "workflow_run_id": workflow_run_id,
+    }
     if TRANSITIONS[wanted].carries_failure:
         values["error"] = error or "failed"
         values["failed_step"] = failed_step
@@ -382,52 +430,76 @@ async def update_job_status(
     row = await _fetchrow(_TRANSITION_STATEMENTS[wanted], **values)
     if row is not None and row["moved"]:
         metrics.TRANSITIONS.labels(wanted).inc()
-        return _job(row, 1)
-    return _explain_unmoved(row, job_id, attempt, wanted, repeat_ok=repeat_ok)
+        return _job(row, 2)
+    return _explain_unmoved(
+        row, job_id, attempt, wanted, dispatch_id=dispatch_id, repeat_ok=repeat_ok
+    )
 
 
 # A heartbeat is no transition: a plain conditional UPDATE, no row lock taken first
 # and no history row. No index covers the columns it writes, so it is a HOT update.
 _HEARTBEAT = _Statement(
     f"""
-    UPDATE provisioning_jobs SET last_heartbeat_at = now(), updated_at = now()
+    UPDATE provisioning_jobs AS p SET last_heartbeat_at = now(), updated_at = now()
     WHERE id = :job_id AND status = 'provisioning' AND attempt = :attempt
+      AND {_FENCE_OK.format(issued=_ISSUED)}
     RETURNING {JOB_COLUMNS}
     """
 )
 _BY_ID = _Statement(f"SELECT {JOB_COLUMNS} FROM provisioning_jobs WHERE id = :job_id")
+_BY_ID_FOR_CALLBACK = _Statement(
+    f"SELECT {_ISSUED} AS issued, {JOB_COLUMNS} FROM provisioning_jobs AS p WHERE id = :job_id"
+)
+_CANCEL_REFUSED_RUN = _Statement(
+    """INSERT INTO run_cancellations (workflow_run_id, job_id, dispatch_id, reason)
+       VALUES (:workflow_run_id, :job_id, :dispatch_id,
+               'refused callback of a superseded or stale dispatch')
+       ON CONFLICT (workflow_run_id) DO NOTHING"""
+)
 
 
-async def record_heartbeat(job_id: UUID, *, attempt: int) -> Job:
-    """Note a sign of life from the workflow running this attempt.
+async def record_heartbeat(
+    job_id: UUID,
+    *,
+    attempt: int,
+    dispatch_id: UUID | None = None,
+    workflow_run_id: str | None = None,
+) -> Job:
+    """Note a sign of life from the workflow running this attempt (and dispatch, if named).
 
     Only a provisioning job of the same attempt takes it: one whose timeout passed
     but which the sweeper has not failed yet is still alive, and is kept. When it
     is refused, one read says why (that path is rare: a late or confused caller).
     """
-    row = await _fetchrow(_HEARTBEAT, job_id=job_id, attempt=attempt)
-    if row is not None:
-        return _job(row)
-    row = await _fetchrow(_BY_ID, job_id=job_id)
-    if row is None:
-        raise errors.NotFoundError("job not found", job_id=str(job_id))
-    job = _job(row)
-    if job.attempt != attempt:
-        raise errors.StaleAttemptError(
-            f"attempt {attempt} is not the job's current attempt {job.attempt}",
-            current_attempt=job.attempt,
-            attempt=attempt,
-        )
-    if job.status != JobStatus.PROVISIONING:
-        raise errors.InvalidTransitionError(
-            f"heartbeats are only taken while provisioning; the job is {job.status}",
-            current_status=str(job.status),
-        )
-    # It was claimed between the two statements: take the heartbeat now, once.
-    row = await _fetchrow(_HEARTBEAT, job_id=job_id, attempt=attempt)
-    if row is None:
-        raise errors.ConflictError("the job changed while the heartbeat arrived; send it again")
-    return _job(row)
+    values = {"job_id": job_id, "attempt": attempt, "dispatch_id": dispatch_id}
+    for _ in range(2):
+        row = await _fetchrow(_HEARTBEAT, **values)
+        if row is not None:
+            return _job(row)
+        row = await _fetchrow(_BY_ID_FOR_CALLBACK, job_id=job_id, dispatch_id=dispatch_id)
+        if row is None:
+            raise errors.NotFoundError("job not found", job_id=str(job_id))
+        job = _job(row, 1)
+        refusal = _refusal(job, attempt, dispatch_id, row["issued"])
+        if refusal is not None:
+            if dispatch_id is not None and workflow_run_id is not None:
+                await _fetchrow(
+                    _CANCEL_REFUSED_RUN,
+                    workflow_run_id=workflow_run_id,
+                    job_id=job_id,
+                    dispatch_id=dispatch_id,
+                )
+            raise refusal
+        if job.status != JobStatus.PROVISIONING:
+            raise errors.InvalidTransitionError(
+                f"heartbeats are only taken while provisioning; the job is {job.status}",
+                reason="invalid_transition",
+                current_status=str(job.status),
+            )
+        # It was claimed between the two statements: take the heartbeat now, once more.
+    raise errors.ConflictError(
+        "the job changed while the heartbeat arrived; send it again", reason="retry"
+    )
 
 
 _RETRY = _locked_update(
@@ -436,7 +508,8 @@ _RETRY = _locked_update(
         " max_retries = CASE WHEN :grant_extra THEN GREATEST(j.max_retries, j.retry_count + 1)"
         " ELSE j.max_retries END,"
         " queued_at = now(), workflow_run_id = NULL, error = NULL, failed_step = NULL,"
-        " failure_reason = NULL, claimed_at = NULL, last_heartbeat_at = NULL, completed_at = NULL"
+        " failure_reason = NULL, claimed_at = NULL, last_heartbeat_at = NULL, completed_at = NULL,"
+        " dispatch_id = NULL"
     ),
     condition=(
         f"locked.status IN ({_sql_list(RETRY_SOURCES)})"
@@ -529,6 +602,7 @@ def _fail_stale(scope: str, limit: str = "") -> str:
     ), event AS (
         INSERT INTO job_events (job_id, from_status, to_status, attempt, actor, reason)
         SELECT id, from_status, status, attempt, 'system', error FROM moved
+    ), cancel AS ({_cancel_known_runs("moved", "'timed out: ' || m.failure_reason")}
     )"""
 
 

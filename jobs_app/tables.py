@@ -17,7 +17,7 @@ from piccolo.columns import (
 )
 from piccolo.table import Table
 
-from jobs_app.lifecycle import MAX_RETRIES, FailureReason, JobStatus
+from jobs_app.lifecycle import MAX_RETRIES, DispatchState, FailureReason, JobStatus
 
 
 class User(Table, tablename="users"):
@@ -69,6 +69,9 @@ class ProvisioningJob(Table, tablename="provisioning_jobs"):
     completed_at = Timestamptz(null=True, default=None)
     created_at = Timestamptz()
     updated_at = Timestamptz()
+    # The dispatch the current attempt is bound to: set by the first callback that
+    # carries one; callbacks of this attempt with another dispatch id are refused.
+    dispatch_id = UUID(null=True, default=None)
 
 
 class JobEvent(Table, tablename="job_events"):
@@ -83,3 +86,61 @@ class JobEvent(Table, tablename="job_events"):
     actor = Varchar(length=200)
     reason = Text(null=True, default=None)
     created_at = Timestamptz()
+
+
+class Dispatch(Table, tablename="dispatches"):
+    """One request (and its retries) to start the workflow for one job attempt.
+
+    The raw migration adds: the state CHECK, at most one live dispatch per
+    (job, attempt) (a partial unique index), and the claim's index.
+    """
+
+    id = UUID(primary_key=True)
+    job_id = ForeignKey(references=ProvisioningJob, on_delete=OnDelete.cascade, null=False)
+    attempt = Integer()
+    state = Varchar(length=16, choices=DispatchState, default=DispatchState.PENDING)
+    provisioner = Varchar(length=16)
+    tries = Integer(default=0)
+    workflow_run_id = Text(null=True, default=None)
+    run_url = Text(null=True, default=None)
+    last_error = Text(null=True, default=None)
+    # The process working on it, until when; an expired lease is taken over (reconciling first).
+    lease_owner = Text(null=True, default=None)
+    lease_expires_at = Timestamptz(null=True, default=None)
+    next_try_at = Timestamptz()
+    # Since when the outcome is unknown: the reconcile grace period counts from here.
+    unknown_since = Timestamptz(null=True, default=None)
+    created_at = Timestamptz()
+    dispatched_at = Timestamptz(null=True, default=None)
+    updated_at = Timestamptz()
+
+
+class DispatchTry(Table, tablename="dispatch_tries"):
+    """Every request a dispatch made to the provisioner, and what came back."""
+
+    id = BigSerial(primary_key=True)
+    dispatch_id = ForeignKey(references=Dispatch, on_delete=OnDelete.cascade, null=False)
+    # 'dispatch', 'reconcile' or 'cancel' (CHECK in the raw migration).
+    kind = Varchar(length=16)
+    outcome = Varchar(length=16)
+    status_code = Integer(null=True, default=None)
+    message = Text(null=True, default=None)
+    workflow_run_id = Text(null=True, default=None)
+    created_at = Timestamptz()
+
+
+class RunCancellation(Table, tablename="run_cancellations"):
+    """A workflow run to cancel, best effort: a superseded run, or the run of a job
+    failed by an operator or a timeout. One row per run (its id is the key)."""
+
+    workflow_run_id = Text(primary_key=True)
+    job_id = ForeignKey(references=ProvisioningJob, on_delete=OnDelete.cascade, null=False)
+    dispatch_id = UUID(null=True, default=None)
+    reason = Text()
+    # 'requested', 'done' or 'failed' (CHECK in the raw migration).
+    state = Varchar(length=16, default="requested")
+    tries = Integer(default=0)
+    last_error = Text(null=True, default=None)
+    next_try_at = Timestamptz()
+    created_at = Timestamptz()
+    done_at = Timestamptz(null=True, default=None)

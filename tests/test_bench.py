@@ -81,7 +81,13 @@ async def test_hot_statements_use_their_indexes(db: asyncpg.Connection) -> None:
     user, agent = seed.user_id("plan", 5), seed.agent_id("plan", 5)
     timeouts = {"timeout": 900, "deadline": 3600, "queue_timeout": 900}
     by_id = "pkey"
-    transition = {"job_id": busy, "attempt": 1, "workflow_run_id": None, "actor": Actor.WORKFLOW}
+    transition = {
+        "job_id": busy,
+        "attempt": 1,
+        "workflow_run_id": None,
+        "dispatch_id": None,
+        "actor": Actor.WORKFLOW,
+    }
     cases: list[tuple[str, Any, dict[str, Any], str]] = [
         ("get_job_by_agent_id", queue._BY_AGENT, {"agent_id": agent}, "agent_newest"),
         (
@@ -90,7 +96,7 @@ async def test_hot_statements_use_their_indexes(db: asyncpg.Connection) -> None:
             {"stripe_event_id": seed.stripe_event_id("plan", 5)},
             "stripe_event_id_key",
         ),
-        ("heartbeat", queue._HEARTBEAT, {"job_id": busy, "attempt": 1}, by_id),
+        ("heartbeat", queue._HEARTBEAT, {"job_id": busy, "attempt": 1, "dispatch_id": None}, by_id),
         *(
             (
                 f"to {to}",

@@ -133,7 +133,11 @@ async def test_a_job_whose_heartbeats_stop_is_failed_by_the_sweeper(start_logged
         # The dead attempt stays dead; the new one proceeds.
         stale = await callback(c, job_id, "status", {"attempt": 1, "status": "provisioning"})
         assert stale.status_code == 409
-        assert stale.json()["extra"] == {"current_attempt": 2, "attempt": 1}
+        assert stale.json()["extra"] == {
+            "reason": "stale_attempt",
+            "current_attempt": 2,
+            "attempt": 1,
+        }
         for payload, kind, code in (
             ({"attempt": 2, "status": "provisioning"}, "status", 200),
             ({"attempt": 2}, "heartbeat", 204),

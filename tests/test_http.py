@@ -39,6 +39,7 @@ JOB_FIELDS = {
     "completed_at",
     "created_at",
     "updated_at",
+    "dispatch_id",
 }
 
 
@@ -371,7 +372,11 @@ async def test_callbacks_refuse_illegal_and_stale(client, db):
     jid = job["id"]
     r = await callback(client, jid, "status", {"attempt": 1, "status": "running"})
     assert r.status_code == 409
-    assert r.json()["extra"] == {"current_status": "queued", "requested_status": "running"}
+    assert r.json()["extra"] == {
+        "reason": "invalid_transition",
+        "current_status": "queued",
+        "requested_status": "running",
+    }
     r = await callback(client, jid, "status", {"attempt": 1, "status": "queued"})
     assert r.status_code == 409
     await callback(
@@ -383,7 +388,7 @@ async def test_callbacks_refuse_illegal_and_stale(client, db):
     await client.post(f"/api/jobs/{jid}/retry", headers=API_HEADERS)
     r = await callback(client, jid, "status", {"attempt": 1, "status": "provisioning"})
     assert r.status_code == 409
-    assert r.json()["extra"] == {"current_attempt": 2, "attempt": 1}
+    assert r.json()["extra"] == {"reason": "stale_attempt", "current_attempt": 2, "attempt": 1}
     r = await callback(client, jid, "heartbeat", {"attempt": 1})
     assert r.status_code == 409
     r = await callback(client, str(uuid.uuid4()), "status", {"attempt": 1, "status": "running"})

@@ -21,7 +21,15 @@ MIGRATIONS_DIR = ROOT / "piccolo_migrations"
 RAW_MIGRATION_ID = "2026-11-28T15:47:22:780809"
 HOT_MIGRATION_ID = "2026-11-28T16:49:37:971669"
 JOBS_APP_MIGRATIONS = {"2026-11-28T15:47:21:951867", RAW_MIGRATION_ID, HOT_MIGRATION_ID}
-TABLES = {"users", "agents", "provisioning_jobs", "job_events"}
+TABLES = {
+    "users",
+    "agents",
+    "provisioning_jobs",
+    "job_events",
+    "dispatches",
+    "dispatch_tries",
+    "run_cancellations",
+}
 TIMEOUT = 60
 TRIGGER_COUNT = (
     "SELECT count(*) FROM pg_trigger WHERE tgname = 'provisioning_jobs_guard_transition'"
@@ -152,6 +160,7 @@ async def test_forwards_on_empty_database_builds_the_full_schema(empty_database,
         "completed_at",
         "created_at",
         "updated_at",
+        "dispatch_id",
     }
     index_names = {i[0] for i in built["indexes"]}
     assert {
@@ -160,6 +169,8 @@ async def test_forwards_on_empty_database_builds_the_full_schema(empty_database,
         "provisioning_jobs_agent_newest",
         "provisioning_jobs_in_flight",
         "job_events_job_id",
+        "dispatches_one_live_per_attempt",
+        "dispatches_working",
     } <= index_names
     [partial] = [i[1] for i in built["indexes"] if i[0] == "provisioning_jobs_one_active_per_user"]
     assert "UNIQUE" in partial and "WHERE" in partial

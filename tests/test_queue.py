@@ -448,7 +448,11 @@ async def test_illegal_transition_error_names_statuses(db, user_agent) -> None:
     job = await job_in(user_agent, "running")
     with pytest.raises(errors.InvalidTransitionError) as info:
         await queue.update_job_status(job.id, status="failed", attempt=1)
-    assert info.value.extra == {"current_status": "running", "requested_status": "failed"}
+    assert info.value.extra == {
+        "reason": "invalid_transition",
+        "current_status": "running",
+        "requested_status": "failed",
+    }
 
 
 async def test_update_status_unknown_job(db) -> None:
@@ -466,7 +470,11 @@ async def test_stale_attempt_is_refused_for_status_updates(db, user_agent, src, 
     for attempt in (0, 2):
         with pytest.raises(errors.StaleAttemptError) as info:
             await queue.update_job_status(job.id, status=to, attempt=attempt)
-        assert info.value.extra == {"current_attempt": 1, "attempt": attempt}
+        assert info.value.extra == {
+            "reason": "stale_attempt",
+            "current_attempt": 1,
+            "attempt": attempt,
+        }
     assert await snapshot(db, job.id) == before
 
 
@@ -510,7 +518,7 @@ async def test_heartbeat_only_while_provisioning(db, user_agent, status) -> None
     before = await snapshot(db, job.id)
     with pytest.raises(errors.InvalidTransitionError) as info:
         await queue.record_heartbeat(job.id, attempt=1)
-    assert info.value.extra == {"current_status": status}
+    assert info.value.extra == {"reason": "invalid_transition", "current_status": status}
     assert await snapshot(db, job.id) == before
 
 
@@ -520,7 +528,7 @@ async def test_heartbeat_stale_attempt(db, user_agent, status) -> None:
     before = await snapshot(db, job.id)
     with pytest.raises(errors.StaleAttemptError) as info:
         await queue.record_heartbeat(job.id, attempt=2)
-    assert info.value.extra == {"current_attempt": 1, "attempt": 2}
+    assert info.value.extra == {"reason": "stale_attempt", "current_attempt": 1, "attempt": 2}
     assert await snapshot(db, job.id) == before
 
 
