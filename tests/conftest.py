@@ -49,7 +49,9 @@ os.environ["JOBS_CALLBACK_SECRET"] = "test-callback-secret"
 os.environ["STRIPE_WEBHOOK_SECRET"] = "whsec_test_secret"
 os.environ["DB_POOL_MAX_SIZE"] = "30"
 
-TABLES = "run_cancellations, dispatch_tries, dispatches, job_events, provisioning_jobs, agents, users"
+TABLES = (
+    "run_cancellations, dispatch_tries, dispatches, job_events, provisioning_jobs, agents, users"
+)
 
 
 async def _create_database() -> None:

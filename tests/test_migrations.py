@@ -20,7 +20,14 @@ ROOT = Path(__file__).resolve().parent.parent
 MIGRATIONS_DIR = ROOT / "piccolo_migrations"
 RAW_MIGRATION_ID = "2026-11-28T15:47:22:780809"
 HOT_MIGRATION_ID = "2026-11-28T16:49:37:971669"
-JOBS_APP_MIGRATIONS = {"2026-11-28T15:47:21:951867", RAW_MIGRATION_ID, HOT_MIGRATION_ID}
+# Every migration module's ID, read from the files (`ID = "..."`), so a new one is expected too.
+JOBS_APP_MIGRATIONS = {
+    line.split('"')[1]
+    for path in MIGRATIONS_DIR.glob("jobs_app_*.py")
+    for line in path.read_text().splitlines()
+    if line.startswith("ID = ")
+}
+assert {RAW_MIGRATION_ID, HOT_MIGRATION_ID} <= JOBS_APP_MIGRATIONS
 TABLES = {
     "users",
     "agents",
@@ -215,7 +222,7 @@ async def test_backwards_undoes_the_raw_migration_and_forwards_restores_it(
 
         reloptions = "SELECT reloptions FROM pg_class WHERE relname = 'provisioning_jobs'"
         assert await conn.fetchval(reloptions) == ["fillfactor=80"]
-        # Back to (and including) the raw constraints migration: the HOT one goes first.
+        # Back to (and including) the raw constraints migration: every later one goes first.
         output = await piccolo(
             "migrations",
             "backwards",
@@ -243,7 +250,8 @@ async def test_backwards_undoes_the_raw_migration_and_forwards_restores_it(
             await conn.fetchval("SELECT attempt FROM provisioning_jobs WHERE id = $1", job_id) == 2
         )
         remaining = {name for app, name in await applied(empty_database) if app == "jobs_app"}
-        assert remaining == JOBS_APP_MIGRATIONS - {RAW_MIGRATION_ID, HOT_MIGRATION_ID}
+        # Only the first (auto-generated) one stays: backwards undoes every later one too.
+        assert remaining == {min(JOBS_APP_MIGRATIONS)}
 
         await piccolo("migrations", "forwards", "jobs_app", url=empty_database)
         assert await has_index(conn, "provisioning_jobs_one_active_per_user")
