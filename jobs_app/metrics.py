@@ -30,6 +30,16 @@ LATENCY = Histogram(
 )
 TRANSITIONS = Counter("jobs_transitions_total", "Job status transitions", ["to_status"])
 STALE_FAILED = Counter("jobs_stale_failed_total", "Stale jobs failed by timeout", ["reason"])
+DISPATCH_OUTCOMES = Counter(
+    "jobs_dispatch_outcomes_total",
+    "Answers the provisioner gave, by request kind (dispatch, reconcile, cancel)",
+    ["kind", "outcome"],
+)
+DISPATCH_PAUSES = Counter(
+    "jobs_dispatch_pauses_total",
+    "Times a dispatcher paused: rate_limited, or misconfigured (credentials, repository)",
+    ["reason"],
+)
 WEBHOOK_REJECTED = Counter(
     "jobs_stripe_webhook_rejected_total", "Validly signed Stripe events refused", ["reason"]
 )

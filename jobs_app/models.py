@@ -8,7 +8,7 @@ from uuid import UUID
 
 import msgspec
 
-from jobs_app.lifecycle import FailureReason, JobStatus
+from jobs_app.lifecycle import DispatchState, FailureReason, JobStatus
 
 
 class Job(msgspec.Struct, kw_only=False):
@@ -68,3 +68,36 @@ class Enqueued(msgspec.Struct):
 class JobPage(msgspec.Struct):
     items: list[Job]
     next_cursor: str | None
+
+
+class DispatchTry(msgspec.Struct):
+    """One request a dispatch made to the provisioner (or a lookup, or a cancel)."""
+
+    kind: str
+    """`dispatch`, `reconcile` or `cancel`."""
+    outcome: str
+    status_code: int | None
+    message: str | None
+    workflow_run_id: str | None
+    at: datetime
+
+
+class Dispatch(msgspec.Struct):
+    """A job attempt's request to start the workflow, and what became of it."""
+
+    dispatch_id: UUID
+    attempt: int
+    state: DispatchState
+    provisioner: str
+    tries: int
+    workflow_run_id: str | None
+    run_url: str | None
+    last_error: str | None
+    created_at: datetime
+    dispatched_at: datetime | None
+    updated_at: datetime
+    bound: bool
+    """The attempt is bound to this dispatch: its run is the one that moves the job."""
+    cancel_state: str | None
+    """Its run's cancellation: `requested`, `done` or `failed` (None: not cancelled)."""
+    history: list[DispatchTry]

@@ -41,6 +41,28 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     db_timeout_seconds: float = 10.0
     """Upper bound for acquiring a connection and for one statement."""
     max_body_bytes: int = 1024 * 1024
+    # Dispatching (see jobs_app/dispatch/).
+    provisioner: str = ""
+    """`github`, `simulated` or `none`; empty: `simulated` in dev mode, else `none`."""
+    public_url: str = ""
+    """The base URL the workflow calls back (JOBS_PUBLIC_URL)."""
+    github_api_url: str = "https://api.github.com"
+    github_repository: str = ""
+    github_workflow: str = ""
+    github_ref: str = "main"
+    github_app_id: str = ""
+    github_app_private_key: str = ""
+    github_installation_id: str = ""
+    github_token: str = ""
+    github_timeout_seconds: float = 10.0
+    dispatch_interval_seconds: float = 1.0
+    dispatch_lease_seconds: float = 60.0
+    dispatch_deadline_seconds: float = lifecycle.DISPATCH_DEADLINE_SECONDS
+    dispatch_reconcile_grace_seconds: float = lifecycle.DISPATCH_RECONCILE_GRACE_SECONDS
+    dispatch_backoff_base_seconds: float = 5.0
+    dispatch_backoff_max_seconds: float = 300.0
+    dispatch_batch: int = 20
+    """Dispatches one process works on at once."""
 
     def require_secrets(self) -> Settings:
         """Settings with every secret present: generated in dev mode, else an error naming them."""
@@ -64,8 +86,88 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             print(f"jobs_app dev mode: generated {names[attr]}={value}", flush=True)
         return msgspec.structs.replace(self, **generated)
 
+    @property
+    def effective_provisioner(self) -> str:
+        return self.provisioner or ("simulated" if self.dev_mode else "none")
+
+    def check_dispatch(self) -> Settings:
+        """These settings, if they describe a provisioner that can start; else an error
+        naming the variable to set or unset."""
+        kind = self.effective_provisioner
+        if kind not in PROVISIONERS:
+            raise SettingsError(
+                f"JOBS_PROVISIONER must be one of {', '.join(PROVISIONERS)}, got {kind!r}"
+            )
+        if kind == "none":
+            return self
+        if not self.public_url:
+            raise SettingsError(f"JOBS_PUBLIC_URL is required with JOBS_PROVISIONER={kind}")
+        if not self.public_url.startswith(("http://", "https://")):
+            raise SettingsError(f"JOBS_PUBLIC_URL must be an http(s) URL, got {self.public_url!r}")
+        if kind != "github":
+            return self
+        for value, name in (
+            (self.github_repository, "JOBS_GITHUB_REPOSITORY"),
+            (self.github_workflow, "JOBS_GITHUB_WORKFLOW"),
+        ):
+            if not value:
+                raise SettingsError(f"{name} is required with JOBS_PROVISIONER=github")
+        owner, _, name = self.github_repository.partition("/")
+        if not owner or not name or "/" in name:
+            raise SettingsError(
+                f"JOBS_GITHUB_REPOSITORY must be owner/name, got {self.github_repository!r}"
+            )
+        app = {
+            "JOBS_GITHUB_APP_ID": self.github_app_id,
+            "JOBS_GITHUB_APP_PRIVATE_KEY (or _FILE)": self.github_app_private_key,
+            "JOBS_GITHUB_INSTALLATION_ID": self.github_installation_id,
+        }
+        if self.github_token and any(app.values()):
+            raise SettingsError(
+                "set either JOBS_GITHUB_TOKEN or the GitHub App (JOBS_GITHUB_APP_ID, "
+                "JOBS_GITHUB_APP_PRIVATE_KEY, JOBS_GITHUB_INSTALLATION_ID), not both"
+            )
+        if not self.github_token:
+            missing = [name for name, value in app.items() if not value]
+            if missing:
+                raise SettingsError(
+                    f"JOBS_PROVISIONER=github needs {', '.join(missing)} (a GitHub App), "
+                    "or JOBS_GITHUB_TOKEN"
+                )
+            for value, name in (
+                (self.github_app_id, "JOBS_GITHUB_APP_ID"),
+                (self.github_installation_id, "JOBS_GITHUB_INSTALLATION_ID"),
+            ):
+                if not value.isdigit():
+                    raise SettingsError(f"{name} must be a number, got {value!r}")
+            if "PRIVATE KEY" not in self.github_app_private_key:
+                raise SettingsError(
+                    "JOBS_GITHUB_APP_PRIVATE_KEY (or the file JOBS_GITHUB_APP_PRIVATE_KEY_FILE "
+                    "names) must hold the App's PEM private key"
+                )
+        return self
+
+
+PROVISIONERS = ("github", "simulated", "none")
 
 _TRUE = {"1", "true", "yes", "on"}
+
+
+def _private_key(env: dict[str, str]) -> str:
+    inline = env.get("JOBS_GITHUB_APP_PRIVATE_KEY", "")
+    path = env.get("JOBS_GITHUB_APP_PRIVATE_KEY_FILE", "")
+    if inline and path:
+        raise SettingsError(
+            "set JOBS_GITHUB_APP_PRIVATE_KEY or JOBS_GITHUB_APP_PRIVATE_KEY_FILE, not both"
+        )
+    if not path:
+        return inline
+    try:
+        return Path(path).read_text()
+    except OSError as exc:
+        raise SettingsError(
+            f"JOBS_GITHUB_APP_PRIVATE_KEY_FILE: cannot read {path!r}: {exc.strerror}"
+        ) from None
 
 
 def _env_number(env: dict[str, str], name: str, default: float, minimum: float = 1) -> float:
@@ -107,6 +209,36 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         pool_min_size=int(_env_number(e, "DB_POOL_MIN_SIZE", d.pool_min_size)),
         pool_max_size=int(_env_number(e, "DB_POOL_MAX_SIZE", d.pool_max_size)),
         db_timeout_seconds=_env_number(e, "DB_TIMEOUT_SECONDS", d.db_timeout_seconds),
+        provisioner=e.get("JOBS_PROVISIONER", "").strip().lower(),
+        public_url=e.get("JOBS_PUBLIC_URL", "").strip().rstrip("/"),
+        github_api_url=(e.get("JOBS_GITHUB_API_URL") or d.github_api_url).rstrip("/"),
+        github_repository=e.get("JOBS_GITHUB_REPOSITORY", "").strip(),
+        github_workflow=e.get("JOBS_GITHUB_WORKFLOW", "").strip(),
+        github_ref=e.get("JOBS_GITHUB_REF") or d.github_ref,
+        github_app_id=e.get("JOBS_GITHUB_APP_ID", "").strip(),
+        github_app_private_key=_private_key(e),
+        github_installation_id=e.get("JOBS_GITHUB_INSTALLATION_ID", "").strip(),
+        github_token=e.get("JOBS_GITHUB_TOKEN", "").strip(),
+        github_timeout_seconds=_env_number(
+            e, "JOBS_GITHUB_TIMEOUT_SECONDS", d.github_timeout_seconds, minimum=0.1
+        ),
+        dispatch_interval_seconds=_env_number(
+            e, "DISPATCH_INTERVAL_SECONDS", d.dispatch_interval_seconds, minimum=0.01
+        ),
+        dispatch_lease_seconds=_env_number(e, "DISPATCH_LEASE_SECONDS", d.dispatch_lease_seconds),
+        dispatch_deadline_seconds=_env_number(
+            e, "DISPATCH_DEADLINE_SECONDS", d.dispatch_deadline_seconds
+        ),
+        dispatch_reconcile_grace_seconds=_env_number(
+            e, "DISPATCH_RECONCILE_GRACE_SECONDS", d.dispatch_reconcile_grace_seconds, minimum=0
+        ),
+        dispatch_backoff_base_seconds=_env_number(
+            e, "DISPATCH_BACKOFF_BASE_SECONDS", d.dispatch_backoff_base_seconds, minimum=0.01
+        ),
+        dispatch_backoff_max_seconds=_env_number(
+            e, "DISPATCH_BACKOFF_MAX_SECONDS", d.dispatch_backoff_max_seconds, minimum=0.01
+        ),
+        dispatch_batch=int(_env_number(e, "DISPATCH_BATCH", d.dispatch_batch)),
     )
 
 
