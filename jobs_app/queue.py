@@ -238,19 +238,19 @@ _ISSUED = """EXISTS (SELECT 1 FROM dispatches d WHERE d.id = CAST(:dispatch_id A
 _FENCE_OK = """(CAST(:dispatch_id AS uuid) IS NULL OR p.dispatch_id = :dispatch_id
                 OR (p.dispatch_id IS NULL AND {issued}))"""
 
+
 # The runs to cancel when a job leaves an attempt other than by its workflow's own word
-# (an operator, a timeout): the job's known run and every run its dispatches started.
-_KNOWN_RUNS = """SELECT m.workflow_run_id AS run_id
-                 UNION SELECT d.workflow_run_id FROM dispatches d
-                 WHERE d.job_id = m.id AND d.attempt = m.attempt"""
-
-
+# (an operator, a timeout): every run its dispatches started, and the run it was told of.
 def _cancel_known_runs(moved: str, reason: str, condition: str = "true") -> str:
     return f"""
-        INSERT INTO run_cancellations (workflow_run_id, job_id, reason)
-        SELECT DISTINCT r.run_id, m.id, {reason}
-        FROM {moved} AS m CROSS JOIN LATERAL ({_KNOWN_RUNS}) AS r
+        INSERT INTO run_cancellations (workflow_run_id, job_id, dispatch_id, reason)
+        SELECT DISTINCT ON (r.run_id) r.run_id, m.id, r.dispatch_id, {reason}
+        FROM {moved} AS m CROSS JOIN LATERAL (
+            SELECT d.workflow_run_id AS run_id, d.id AS dispatch_id FROM dispatches AS d
+            WHERE d.job_id = m.id AND d.attempt = m.attempt
+            UNION ALL SELECT m.workflow_run_id, NULL) AS r
         WHERE r.run_id IS NOT NULL AND {condition}
+        ORDER BY r.run_id, r.dispatch_id NULLS LAST
         ON CONFLICT (workflow_run_id) DO NOTHING"""
 
 
