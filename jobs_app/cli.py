@@ -1,4 +1,4 @@
-"""`jobs-app serve` and `jobs-app migrate`."""
+"""`jobs-app serve`, `jobs-app dispatch` and `jobs-app migrate`."""
 
 from __future__ import annotations
 
@@ -7,11 +7,14 @@ import asyncio
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
 
-from jobs_app.settings import SettingsError, get_settings
+import msgspec
+
+from jobs_app.settings import Settings, SettingsError, get_settings
 
 
 def _migrate() -> None:
@@ -30,10 +33,29 @@ def _prepare_metrics_dir() -> None:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
 
 
+log = logging.getLogger("jobs_app.cli")
+
+
+def _check_dispatch(settings: Settings) -> None:
+    """Stop at start on contradictory dispatch settings; warn when nothing dispatches."""
+    settings.check_dispatch()
+    if settings.effective_provisioner == "none":
+        log.warning(
+            "JOBS_PROVISIONER is not set: nothing starts the provisioning workflow, and "
+            "jobs wait for runs started elsewhere. Set JOBS_PROVISIONER=github (or "
+            "simulated) to dispatch."
+        )
+
+
 def serve(host: str, port: int, workers: int, access_log: bool) -> None:
     import uvicorn
 
     settings = get_settings().require_secrets()
+    if settings.dev_mode and not settings.public_url:
+        # The simulated workflow calls this very server back.
+        os.environ["JOBS_PUBLIC_URL"] = f"http://{host}:{port}"
+        settings = msgspec.structs.replace(settings, public_url=os.environ["JOBS_PUBLIC_URL"])
+    _check_dispatch(settings)
     # Workers are fresh processes that read the environment: hand them the secrets
     # dev mode may have generated, so every worker agrees.
     os.environ["JOBS_API_TOKEN"] = settings.api_token
@@ -55,6 +77,37 @@ def serve(host: str, port: int, workers: int, access_log: bool) -> None:
     )
 
 
+def dispatch() -> None:
+    """The dispatcher alone, for deployments that run it apart from the API."""
+    settings = get_settings()
+    _check_dispatch(settings)
+    if settings.effective_provisioner == "none":
+        raise SettingsError("jobs-app dispatch needs JOBS_PROVISIONER=github (or simulated)")
+    asyncio.run(_dispatch_until_stopped(settings))
+
+
+async def _dispatch_until_stopped(settings: Settings) -> None:
+    from jobs_app import database
+    from jobs_app.dispatch.dispatcher import Dispatcher
+    from jobs_app.dispatch.factory import make_provisioner
+
+    provisioner = make_provisioner(settings)
+    assert provisioner is not None
+    await database.start_pool(settings)
+    dispatcher = Dispatcher(provisioner, settings)
+    stopped = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopped.set)
+    dispatcher.start()
+    try:
+        await stopped.wait()
+    finally:
+        await dispatcher.stop()
+        await provisioner.aclose()
+        await database.close_pool()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="jobs-app", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -64,6 +117,9 @@ def main(argv: list[str] | None = None) -> None:
     serve_cmd.add_argument("--workers", type=int, default=1)
     serve_cmd.add_argument("--access-log", action="store_true", help="log every request")
     commands.add_parser("migrate", help="apply all migrations (safe to run concurrently)")
+    commands.add_parser(
+        "dispatch", help="run only the dispatcher (serve runs one in every process too)"
+    )
     args = parser.parse_args(argv)
 
     logging.basicConfig(
@@ -74,6 +130,8 @@ def main(argv: list[str] | None = None) -> None:
             serve(args.host, args.port, args.workers, args.access_log)
         elif args.command == "migrate":
             _migrate()
+        elif args.command == "dispatch":
+            dispatch()
     except SettingsError as exc:
         print(f"jobs-app: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

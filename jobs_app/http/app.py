@@ -14,6 +14,8 @@ from litestar.openapi.spec import Components, SecurityScheme
 
 from jobs_app import database, sweeper
 from jobs_app.admin import admin_route_handlers
+from jobs_app.dispatch.dispatcher import Dispatcher
+from jobs_app.dispatch.factory import make_provisioner
 from jobs_app.http.callbacks import CallbackController
 from jobs_app.http.errors import EXCEPTION_HANDLERS
 from jobs_app.http.jobs import AgentController, JobController, UserController
@@ -25,19 +27,31 @@ from jobs_app.settings import Settings, get_settings
 log = logging.getLogger("jobs_app")
 
 
-def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) -> Litestar:
-    """Build the app. Refuses to start without its secrets (unless in dev mode)."""
-    settings = (settings or get_settings()).require_secrets()
+def create_app(
+    settings: Settings | None = None, *, run_sweeper: bool = True, run_dispatcher: bool = True
+) -> Litestar:
+    """Build the app. Refuses to start without its secrets (unless in dev mode), or with
+    dispatch settings that contradict each other."""
+    settings = (settings or get_settings()).require_secrets().check_dispatch()
 
     @contextlib.asynccontextmanager
-    async def lifespan(_: Litestar) -> AsyncIterator[None]:
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
         await database.start_pool(settings)
         task = None
         if run_sweeper:
             task = asyncio.create_task(sweeper.run_forever(settings.sweep_interval_seconds))
+        provisioner = make_provisioner(settings) if run_dispatcher else None
+        dispatcher = None if provisioner is None else Dispatcher(provisioner, settings)
+        app.state.dispatcher = dispatcher
+        if dispatcher is not None:
+            dispatcher.start()
         try:
             yield
         finally:
+            # Leases first, so another replica takes this process's dispatches at once.
+            if dispatcher is not None:
+                await dispatcher.stop()
+                await dispatcher.provisioner.aclose()
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -73,4 +87,5 @@ def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) ->
         debug=False,
     )
     app.state.settings = settings
+    app.state.dispatcher = None
     return app

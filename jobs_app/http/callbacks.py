@@ -33,12 +33,15 @@ class CallbackController(Controller):
         """Move the job for this attempt: provisioning, running or failed.
 
         A repeat of the job's current state is answered 200 unchanged; an illegal
-        move or another attempt than the current one is 409 (the body says which).
+        move, another attempt than the current one, or a dispatch other than the one
+        the attempt is bound to is 409, with `extra.reason` `invalid_transition`,
+        `stale_attempt` or `superseded_dispatch`: the run must stop.
         """
         return await queue.update_job_status(
             job_id,
             status=data.status,
             attempt=data.attempt,
+            dispatch_id=data.dispatch_id,
             workflow_run_id=data.workflow_run_id,
             error=data.error,
             failed_step=data.failed_step,
@@ -52,4 +55,9 @@ class CallbackController(Controller):
     )
     async def heartbeat(self, job_id: FromPath[UUID], data: JSONBody[Heartbeat]) -> None:
         """A sign of life from the workflow running this attempt."""
-        await queue.record_heartbeat(job_id, attempt=data.attempt)
+        await queue.record_heartbeat(
+            job_id,
+            attempt=data.attempt,
+            dispatch_id=data.dispatch_id,
+            workflow_run_id=data.workflow_run_id,
+        )

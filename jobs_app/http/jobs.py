@@ -10,7 +10,7 @@ from litestar.openapi import ResponseSpec
 from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED
 
-from jobs_app import queue
+from jobs_app import dispatches, queue
 from jobs_app.errors import BadRequestError, NotFoundError
 from jobs_app.http.auth import require_api_token
 from jobs_app.http.errors import error_responses
@@ -19,6 +19,7 @@ from jobs_app.http.schemas import (
     CreateAgent,
     CreateJob,
     CreateUser,
+    DispatchList,
     EventList,
     Job,
     JobPage,
@@ -122,6 +123,14 @@ class JobController(_DashboardController):
     async def job_events(self, job_id: FromPath[UUID]) -> EventList:
         """The job's history, oldest first."""
         return EventList(items=await queue.list_job_events(job_id))
+
+    @get("/{job_id:uuid}/dispatches", responses=error_responses(401, 404))
+    async def job_dispatches(self, job_id: FromPath[UUID]) -> DispatchList:
+        """The job's workflow dispatches, oldest first: each try, GitHub's answer, the run."""
+        items = await dispatches.list_dispatches(job_id)
+        if items is None:
+            raise NotFoundError("job not found", job_id=str(job_id))
+        return DispatchList(items=items)
 
     @post("/{job_id:uuid}/retry", status_code=HTTP_200_OK, responses=error_responses(401, 404, 409))
     async def retry_job(self, job_id: FromPath[UUID]) -> Job:

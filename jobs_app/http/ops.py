@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import msgspec
 from litestar import MediaType, Response, get
+from litestar.datastructures import State
 from litestar.openapi import ResponseSpec
 
 from jobs_app import database, metrics
+from jobs_app.dispatch.dispatcher import DispatcherHealth
 
 
-class Health(msgspec.Struct):
+class Health(msgspec.Struct, omit_defaults=True):
     status: str
     database: str
+    dispatcher: DispatcherHealth | None = None
+    """This process's dispatcher: `paused` (misconfigured or rate limited) is said here
+    while the answer stays 200, since the API itself works."""
 
 
 @get(
@@ -19,11 +24,15 @@ class Health(msgspec.Struct):
     tags=["operations"],
     responses={503: ResponseSpec(Health, description="PostgreSQL is unreachable")},
 )
-async def health() -> Response[Health]:
-    """200 when PostgreSQL answers, 503 when it does not."""
+async def health(state: State) -> Response[Health]:
+    """200 when PostgreSQL answers, 503 when it does not; and the dispatcher's state."""
+    dispatcher = state.get("dispatcher")
+    dispatching = None if dispatcher is None else dispatcher.health()
     if await database.ping():
-        return Response(Health(status="ok", database="up"))
-    return Response(Health(status="unavailable", database="down"), status_code=503)
+        return Response(Health(status="ok", database="up", dispatcher=dispatching))
+    return Response(
+        Health(status="unavailable", database="down", dispatcher=dispatching), status_code=503
+    )
 
 
 @get("/metrics", tags=["operations"], media_type=MediaType.TEXT)

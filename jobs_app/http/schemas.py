@@ -11,13 +11,15 @@ import msgspec
 from msgspec import Meta
 
 from jobs_app.lifecycle import JobStatus
-from jobs_app.models import Agent, Job, JobEvent, JobPage, User
+from jobs_app.models import Agent, Dispatch, Job, JobEvent, JobPage, User
 
 __all__ = [
     "Agent",
     "CreateAgent",
     "CreateJob",
     "CreateUser",
+    "Dispatch",
+    "DispatchList",
     "ErrorBody",
     "EventList",
     "Heartbeat",
@@ -69,6 +71,8 @@ class CreateJob(_Body):
 class StatusCallback(_Body):
     attempt: Attempt
     status: JobStatus
+    dispatch_id: UUID | None = None
+    """The dispatch that started this run: fences the attempt to one run."""
     workflow_run_id: RunId | None = None
     error: Message | None = None
     failed_step: Step | None = None
@@ -76,10 +80,16 @@ class StatusCallback(_Body):
 
 class Heartbeat(_Body):
     attempt: Attempt
+    dispatch_id: UUID | None = None
+    workflow_run_id: RunId | None = None
 
 
 class EventList(msgspec.Struct):
     items: list[JobEvent]
+
+
+class DispatchList(msgspec.Struct):
+    items: list[Dispatch]
 
 
 class WebhookResult(msgspec.Struct):
