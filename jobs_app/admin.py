@@ -26,6 +26,7 @@ from piccolo.apps.user.tables import BaseUser
 from piccolo_admin.endpoints import FormConfig, TableConfig, create_admin
 from piccolo_api.crud.endpoints import OrderBy, PiccoloCRUD
 from piccolo_api.crud.validators import Validators
+from piccolo_api.media.base import MediaStorage
 from piccolo_api.session_auth.tables import SessionsBase
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
@@ -36,7 +37,15 @@ from jobs_app.errors import DomainError, RetriesExhaustedError
 from jobs_app.lifecycle import Actor, FailureReason, JobStatus
 from jobs_app.models import Job
 from jobs_app.settings import Settings
-from jobs_app.tables import Agent, JobEvent, ProvisioningJob, User
+from jobs_app.tables import (
+    Agent,
+    Dispatch,
+    DispatchTry,
+    JobEvent,
+    ProvisioningJob,
+    RunCancellation,
+    User,
+)
 
 ADMIN_PATH = "/admin"
 SITE_NAME = "jobs_app admin"
@@ -61,6 +70,40 @@ _JOBS_READ_ONLY = _refuse(
 _EVENTS_READ_ONLY = _refuse(
     "Job events are the audit trail: they can't be added, edited or deleted."
 )
+_DISPATCH_READ_ONLY = _refuse(
+    "Dispatches are the dispatcher's record of what it asked GitHub: read-only. "
+    "Retry or fail the job with the operator forms instead."
+)
+
+
+class RunLinks(MediaStorage):
+    """Shows a dispatch's workflow run as a link. piccolo_admin renders no HTML in its
+    tables, but opens a media column's value through this storage's URL, so the run's
+    page opens from the row. Stores, serves and deletes nothing."""
+
+    def __init__(self, column: Any) -> None:
+        super().__init__(column, allowed_extensions=None)
+
+    def __hash__(self) -> int:  # piccolo_admin puts storages in a set
+        return hash(("run-links", self.column._meta.table._meta.tablename, self.column._meta.name))
+
+    async def generate_file_url(self, file_key: str, root_url: str, user: Any = None) -> Any:
+        return file_key if file_key.startswith(("https://", "http://")) else None
+
+    async def store_file(self, file_name: str, file: Any, user: Any = None) -> str:
+        raise HTTPException(status_code=405, detail="Run links can't be uploaded.")
+
+    async def get_file(self, file_key: str) -> None:
+        return None
+
+    async def delete_file(self, file_key: str) -> None:
+        return None
+
+    async def bulk_delete_files(self, file_keys: list[str]) -> None:
+        return None
+
+    async def get_file_keys(self) -> list[str]:
+        return []
 
 
 def _read_only(validator: Any) -> Validators:
@@ -114,6 +157,7 @@ def table_configs() -> list[TableConfig]:
                 job.agent_id,
                 job.attempt,
                 job.retry_count,
+                job.workflow_run_id,
                 job.error,
                 job.failed_step,
                 job.last_heartbeat_at,
@@ -144,6 +188,40 @@ def table_configs() -> list[TableConfig]:
             visible_filters=[event.job_id, event.to_status, event.actor],
             order_by=[OrderBy(event.id, ascending=False)],
             validators=_read_only(_EVENTS_READ_ONLY),
+        ),
+        TableConfig(
+            Dispatch,
+            visible_columns=[
+                Dispatch.id,
+                Dispatch.job_id,
+                Dispatch.attempt,
+                Dispatch.state,
+                Dispatch.tries,
+                Dispatch.run_url,
+                Dispatch.workflow_run_id,
+                Dispatch.last_error,
+                Dispatch.created_at,
+                Dispatch.dispatched_at,
+            ],
+            visible_filters=[Dispatch.job_id, Dispatch.state, Dispatch.workflow_run_id],
+            order_by=[OrderBy(Dispatch.created_at, ascending=False)],
+            media_storage=[RunLinks(Dispatch.run_url)],
+            validators=_read_only(_DISPATCH_READ_ONLY),
+            menu_group="Dispatch",
+        ),
+        TableConfig(
+            DispatchTry,
+            visible_filters=[DispatchTry.dispatch_id, DispatchTry.kind, DispatchTry.outcome],
+            order_by=[OrderBy(DispatchTry.id, ascending=False)],
+            validators=_read_only(_DISPATCH_READ_ONLY),
+            menu_group="Dispatch",
+        ),
+        TableConfig(
+            RunCancellation,
+            visible_filters=[RunCancellation.job_id, RunCancellation.state],
+            order_by=[OrderBy(RunCancellation.created_at, ascending=False)],
+            validators=_read_only(_DISPATCH_READ_ONLY),
+            menu_group="Dispatch",
         ),
         TableConfig(
             User,
@@ -331,6 +409,8 @@ def create_admin_app(settings: Settings) -> Any:
             "Failed jobs": "./#/provisioning_jobs?status=failed",
             "Jobs in flight (queued)": "./#/provisioning_jobs?status=queued",
             "Jobs in flight (provisioning)": "./#/provisioning_jobs?status=provisioning",
+            "Dispatches still working": "./#/dispatches?state=unknown",
+            "Refused dispatches": "./#/provisioning_jobs?failure_reason=dispatch_error",
         },
     )
 

@@ -251,7 +251,15 @@ async def test_tables_and_job_list_config(
     username, client = operator
     assert (await client.get("/admin/api/user/")).json()["username"] == username
     tables = (await client.get("/admin/api/tables/")).json()
-    assert sorted(tables) == ["agents", "job_events", "provisioning_jobs", "users"]
+    assert sorted(tables) == [
+        "agents",
+        "dispatch_tries",
+        "dispatches",
+        "job_events",
+        "provisioning_jobs",
+        "run_cancellations",
+        "users",
+    ]
 
     extra = (await client.get("/admin/api/tables/provisioning_jobs/schema/")).json()["extra"]
     assert extra["order_by"][0] == {"column": "created_at", "ascending": False}
@@ -601,3 +609,53 @@ def test_admin_allowed_hosts_come_from_the_environment():
     settings = load_settings({"JOBS_ADMIN_ALLOWED_HOSTS": "ops.example.com, admin.example.com,"})
     assert settings.admin_allowed_hosts == ("ops.example.com", "admin.example.com")
     assert load_settings({}).admin_allowed_hosts == ()
+
+
+async def test_dispatches_beside_the_job_with_the_run_as_a_link(
+    operator: tuple[str, httpx.AsyncClient],
+    db: asyncpg.Connection,
+    user_agent: tuple[uuid.UUID, uuid.UUID],
+) -> None:
+    """A refused dispatch: the job failed with GitHub's message, the dispatch and its
+    try are listed by job, the run opens from its row, and nothing there is editable."""
+    from jobs_app import dispatches
+    from jobs_app.dispatch.provisioner import Outcome, Result
+
+    _, client = operator
+    job_id = await make_job(user_agent)
+    [claim] = await dispatches.claim("admin-test", "github", lease_seconds=60, batch=5)
+    run_url = "https://github.com/acme/infra/actions/runs/123"
+    started = Result(outcome=Outcome.OK, status_code=200, workflow_run_id="123", run_url=run_url)
+    await dispatches.record_started(claim.dispatch_id, "admin-test", "dispatch", started)
+
+    rows = (
+        await client.get("/admin/api/tables/dispatches/", params={"job_id": str(job_id)})
+    ).json()["rows"]
+    assert [(r["id"], r["state"], r["run_url"]) for r in rows] == [
+        (str(claim.dispatch_id), "dispatched", run_url)
+    ]
+    schema = (await client.get("/admin/api/tables/dispatches/schema/")).json()["extra"]
+    assert "run_url" in schema["media_columns"]
+    link = await client.post(
+        "/admin/api/media/generate-file-url/",
+        json={"table_name": "dispatches", "column_name": "run_url", "file_key": run_url},
+        headers=csrf(client),
+    )
+    assert link.status_code == 200 and link.json()["file_url"] == run_url
+    tries = (
+        await client.get(
+            "/admin/api/tables/dispatch_tries/", params={"dispatch_id": str(claim.dispatch_id)}
+        )
+    ).json()["rows"]
+    assert [(t["kind"], t["outcome"], t["status_code"]) for t in tries] == [("dispatch", "ok", 200)]
+
+    before = await db.fetch("SELECT * FROM dispatches")
+    for method, path, body in (
+        ("PATCH", f"/admin/api/tables/dispatches/{claim.dispatch_id}/", {"state": "lost"}),
+        ("DELETE", f"/admin/api/tables/dispatches/{claim.dispatch_id}/", None),
+        ("POST", "/admin/api/tables/dispatches/", {"job_id": str(job_id), "attempt": 1}),
+    ):
+        response = await client.request(method, path, json=body, headers=csrf(client))
+        assert response.status_code == 405, (method, response.text)
+        assert "read-only" in response.json()["detail"]
+    assert await db.fetch("SELECT * FROM dispatches") == before
