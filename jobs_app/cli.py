@@ -64,7 +64,12 @@ def main(argv: list[str] | None = None) -> None:
     serve_cmd.add_argument("--workers", type=int, default=1)
     serve_cmd.add_argument("--access-log", action="store_true", help="log every request")
     commands.add_parser("migrate", help="apply all migrations (safe to run concurrently)")
+    from jobs_app.workflow.callback_client import add_callback_parser, run_callback_command
+
+    add_callback_parser(commands)
     args = parser.parse_args(argv)
+    if args.command == "callback":  # the workflow's client: no settings, no database
+        raise SystemExit(run_callback_command(args))
 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -69,6 +69,7 @@ class CreateJob(_Body):
 class StatusCallback(_Body):
     attempt: Attempt
     status: JobStatus
+    dispatch_id: UUID | None = None
     workflow_run_id: RunId | None = None
     error: Message | None = None
     failed_step: Step | None = None
@@ -76,6 +77,8 @@ class StatusCallback(_Body):
 
 class Heartbeat(_Body):
     attempt: Attempt
+    dispatch_id: UUID | None = None
+    workflow_run_id: RunId | None = None
 
 
 class EventList(msgspec.Struct):
