@@ -280,7 +280,8 @@ class GitHubProvisioner:
 
     async def cancel_run(self, workflow_run_id: str) -> Result:
         """POST .../runs/{id}/cancel: 202 → OK; 409 (the run already completed) → OK too,
-        with status_code 409 and GitHub's message: there is nothing left to stop."""
+        with status_code 409 and GitHub's message: there is nothing left to stop; 404 →
+        NOT_FOUND (cancelling is best effort: a missing run doesn't pause dispatching)."""
 
         async def call() -> Any:
             return await self._github.rest.actions.async_cancel_workflow_run(
@@ -291,9 +292,11 @@ class GitHubProvisioner:
             return Result(
                 outcome=Outcome.REJECTED, message=f"not a GitHub run id: {workflow_run_id!r}"
             )
-        result = await self._call(call, "cancel_run", None, ok_statuses=(409,))
+        result = await self._call(call, "cancel_run", None, ok_statuses=(404, 409))
         if isinstance(result, Result):
             return result
+        if result.raw_response.status_code == 404:  # no such run (best effort: not a config fault)
+            return Result(outcome=Outcome.NOT_FOUND, status_code=404)
         response: httpx.Response = result.raw_response
         message = _message(response) if response.status_code == 409 else None
         return Result(outcome=Outcome.OK, status_code=response.status_code, message=message)
