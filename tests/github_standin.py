@@ -115,6 +115,8 @@ class FaultKind(StrEnum):
     """403 with x-ratelimit-remaining: 0 and x-ratelimit-reset (no retry-after)."""
     REJECT_422 = "reject_422"
     """422 with a validation message."""
+    ANSWER = "answer"
+    """Answer `status` with `message` (and `headers`) in place of the real answer."""
     LATE = "late"
     """Answered as usual; use `list_delay`/`start_delay` for a run the list and the
     runner only see late."""
@@ -132,6 +134,10 @@ class Fault:
     start_delay: float | None = 0.0
     """Extra seconds before the runner starts the run; None: it never starts."""
     message: str = "Validation Failed"
+    status: int = 403
+    """For ANSWER."""
+    headers: tuple[tuple[str, str], ...] = ()
+    """For ANSWER."""
 
 
 class Faults:
@@ -650,6 +656,8 @@ class GitHubStandIn:
             )
         if kind is FaultKind.REJECT_422:
             return _Answer(422, {"message": fault.message})
+        if kind is FaultKind.ANSWER:
+            return _Answer(fault.status, {"message": fault.message}, dict(fault.headers))
         if kind is FaultKind.HOLD:
             return _Answer(0, hold=fault.hold)
         return None

@@ -138,6 +138,10 @@ async def test_a_fine_grained_token_works_and_a_wrong_one_is_misconfigured(
     assert len(standin.runs()) == 1
 
 
+def answer(status: int, message: str, *headers: tuple[str, str]) -> Fault:
+    return Fault(FaultKind.ANSWER, status=status, message=message, headers=headers)
+
+
 @pytest.mark.parametrize(
     ("fault", "outcome", "status", "run_created"),
     [
@@ -154,8 +158,14 @@ async def test_a_fine_grained_token_works_and_a_wrong_one_is_misconfigured(
             422,
             False,
         ),
+        (answer(400, "Problems parsing JSON"), Outcome.REJECTED, 400, False),
+        (answer(410, "Gone"), Outcome.REJECTED, 410, False),
+        (answer(403, "Resource not accessible by integration"), Outcome.MISCONFIGURED, 403, False),
+        (answer(403, "over", ("x-ratelimit-remaining", "0")), Outcome.RATE_LIMITED, 403, False),
+        (answer(401, "Bad credentials"), Outcome.MISCONFIGURED, 401, False),
+        (answer(503, "Unavailable"), Outcome.UNKNOWN, 503, False),
     ],
-    ids=lambda v: v.kind.value if isinstance(v, Fault) else None,
+    ids=lambda v: f"{v.kind.value}-{v.status}" if isinstance(v, Fault) else None,
 )
 async def test_each_fault_comes_back_as_its_outcome(
     github_standin: GitHubStandIn,
@@ -182,9 +192,11 @@ async def test_each_fault_comes_back_as_its_outcome(
         assert result.retry_after is not None
         if fault.kind is FaultKind.PRIMARY_403:  # x-ratelimit-reset - now
             assert 25 <= result.retry_after <= 30
+        elif fault.kind is FaultKind.ANSWER:  # neither header: a minute
+            assert result.retry_after == 60
         else:
             assert result.retry_after == fault.retry_after
-    if outcome is Outcome.REJECTED:
+    if outcome in (Outcome.REJECTED, Outcome.MISCONFIGURED):
         assert result.message == fault.message
 
 
