@@ -100,7 +100,7 @@ def test_every_other_call_needs_a_live_token(start_github_standin: StartStandIn)
         (
             {"ref": "main", "inputs": inputs(attempt=1)},
             "For 'properties/attempt', 1 is not a string.",
-        ),  # noqa: E501
+        ),
         ({"ref": "nope", "inputs": inputs()}, "No ref found for: nope"),
     ],
     ids=["unknown", "missing", "not-a-string", "ref"],

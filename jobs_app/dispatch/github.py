@@ -56,6 +56,10 @@ _NOTHING_SENT = (
 """Transport errors raised before any byte of the request left: safe to send again."""
 
 
+_NO_TOKEN_YET = frozenset({Outcome.NOT_SENT, Outcome.MISCONFIGURED, Outcome.RATE_LIMITED})
+"""Outcomes after which there may still be no installation token."""
+
+
 class RateLimitGate:
     """Process-wide: no request to one GitHub API starts before `open_at`."""
 
@@ -197,6 +201,8 @@ class GitHubProvisioner:
         self.api_url = api_url.rstrip("/")
         self.per_page = per_page
         self.gate = rate_limit_gate(self.api_url)
+        self._token_ready = token is not None  # a fine-grained token needs no exchange
+        self._token_lock = asyncio.Lock()
         self._github = _OneClientGitHub(
             auth,
             base_url=self.api_url + "/",
@@ -315,6 +321,23 @@ class GitHubProvisioner:
     ) -> Any:
         """Run one githubkit call behind the rate-limit gate: its Response, or the
         Result its failure comes to."""
+        if self._token_ready:
+            return await self._call_now(call, what, dispatch_id, ok_statuses)
+        # Until an installation token is in hand, one call at a time: calls started
+        # together would each ask GitHub for a token of their own.
+        async with self._token_lock:
+            result = await self._call_now(call, what, dispatch_id, ok_statuses)
+            if not isinstance(result, Result) or result.outcome not in _NO_TOKEN_YET:
+                self._token_ready = True
+            return result
+
+    async def _call_now(
+        self,
+        call: Callable[[], Awaitable[Any]],
+        what: str,
+        dispatch_id: UUID | None,
+        ok_statuses: tuple[int, ...],
+    ) -> Any:
         waiting = self.gate.remaining()
         if waiting > 0:
             return Result(
