@@ -120,7 +120,12 @@ def main(argv: list[str] | None = None) -> None:
     commands.add_parser(
         "dispatch", help="run only the dispatcher (serve runs one in every process too)"
     )
+    from jobs_app.workflow.callback_client import add_callback_parser, run_callback_command
+
+    add_callback_parser(commands)
     args = parser.parse_args(argv)
+    if args.command == "callback":  # the workflow's client: no settings, no database
+        raise SystemExit(run_callback_command(args))
 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"

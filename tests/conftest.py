@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -263,3 +263,32 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.write_line(f"written to {base / 'reliability-figures.json'}")
     except (AttributeError, OSError):
         pass
+
+
+# --------------------------------------------------------------------------- GitHub stand-in
+
+
+@pytest.fixture
+def start_github_standin() -> Iterator:  # type: ignore[type-arg]
+    """Factory: `standin = start_github_standin(**GitHubStandIn kwargs)`, stopped afterwards.
+
+    A real HTTP server on loopback, on its own thread and event loop (tests/github_standin.py).
+    """
+    from tests.github_standin import GitHubStandIn
+
+    started: list[GitHubStandIn] = []
+
+    def start(**kwargs: object) -> GitHubStandIn:
+        standin = GitHubStandIn(**kwargs).start()  # type: ignore[arg-type]
+        started.append(standin)
+        return standin
+
+    yield start
+    for standin in started:
+        standin.stop()
+
+
+@pytest.fixture
+def github_standin(start_github_standin):  # type: ignore[no-untyped-def]
+    """One GitHub stand-in with the default App, repository and workflow."""
+    return start_github_standin()

@@ -1,0 +1,419 @@
+"""The GitHub provisioner: workflow_dispatch, run lookup and cancel through githubkit.
+
+Every answer and every fault becomes a `Result` (see provisioner.Outcome); nothing here
+raises for what GitHub or the network did. Things githubkit does that matter here:
+
+- Its automatic retries would resend the dispatch POST, which is not idempotent: off.
+- Its default timeout is none: one is always set.
+- Without `async with`, every call opens (and closes) an HTTP client, and `async with`
+  keeps the client in a ContextVar that other tasks don't see: `_OneClientGitHub` keeps
+  one client for the provisioner's whole life instead (closed by `aclose`).
+- A 403/429 with `retry-after` raises SecondaryRateLimitExceeded even for a plain 429,
+  and a failed installation-token request surfaces as a RequestError wrapping the
+  token request's RequestFailed: answers are classified by status and headers.
+- A refused connection and a dropped one both arrive as RequestError: `.exc` tells
+  whether anything was sent.
+- The installation token is cached by githubkit's AppInstallationAuthStrategy in its
+  cache strategy until one minute before GitHub's `expires_at` (the JWT for eight
+  minutes); each provisioner gets a cache of its own.
+
+Rate limits: from the moment a rate-limited answer arrives, this process starts no
+request to that GitHub API until the wait is over (calls meanwhile return RATE_LIMITED
+with the time left, without sending). Requests already in flight are not called back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID
+
+import httpx
+from githubkit import AppInstallationAuthStrategy, GitHub, TokenAuthStrategy
+from githubkit.cache import MemCacheStrategy
+from githubkit.exception import RequestError, RequestFailed
+
+from jobs_app.dispatch.provisioner import DispatchRequest, Outcome, Result
+
+log = logging.getLogger("jobs_app.dispatch.github")
+
+DEFAULT_API_URL = "https://api.github.com"
+DEFAULT_RATE_LIMIT_WAIT = 60.0
+"""Seconds to wait after a rate-limited answer that says nothing about when to retry."""
+
+_NOTHING_SENT = (
+    httpx.ConnectError,
+    httpx.ConnectTimeout,
+    httpx.PoolTimeout,
+    httpx.UnsupportedProtocol,
+)
+"""Transport errors raised before any byte of the request left: safe to send again."""
+
+
+_NO_TOKEN_YET = frozenset({Outcome.NOT_SENT, Outcome.MISCONFIGURED, Outcome.RATE_LIMITED})
+"""Outcomes after which there may still be no installation token."""
+
+
+class RateLimitGate:
+    """Process-wide: no request to one GitHub API starts before `open_at`."""
+
+    def __init__(self) -> None:
+        self._open_at = 0.0  # time.monotonic()
+
+    def remaining(self) -> float:
+        return max(0.0, self._open_at - time.monotonic())
+
+    def close_for(self, seconds: float) -> None:
+        # Only ever pushed later: a shorter limit answered meanwhile doesn't shorten it.
+        self._open_at = max(self._open_at, time.monotonic() + seconds)
+
+
+_GATES: dict[str, RateLimitGate] = {}
+
+
+def rate_limit_gate(api_url: str) -> RateLimitGate:
+    """The gate of this process for `api_url` (one per GitHub host or stand-in)."""
+    return _GATES.setdefault(api_url.rstrip("/"), RateLimitGate())
+
+
+class _OneClientGitHub(GitHub[Any]):
+    """githubkit's GitHub with one async HTTP client shared by every task."""
+
+    _shared_client: httpx.AsyncClient | None = None
+    _client_lock: asyncio.Lock | None = None
+
+    @asynccontextmanager
+    async def get_async_client(self) -> AsyncIterator[httpx.AsyncClient]:
+        if self._shared_client is None:
+            if self._client_lock is None:
+                self._client_lock = asyncio.Lock()
+            async with self._client_lock:
+                if self._shared_client is None:
+                    self._shared_client = await self._create_async_client()
+        yield self._shared_client
+
+    async def close_shared_client(self) -> None:
+        client, self._shared_client = self._shared_client, None
+        if client is not None:
+            await client.aclose()
+
+
+def _retry_after(response: httpx.Response) -> float:
+    """retry-after, else x-ratelimit-reset - now, else 60 seconds."""
+    value = response.headers.get("retry-after")
+    if value:
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            try:
+                when = email.utils.parsedate_to_datetime(value)
+                return max(0.0, when.timestamp() - time.time())
+            except (TypeError, ValueError):
+                pass
+    reset = response.headers.get("x-ratelimit-reset")
+    if reset:
+        try:
+            return max(1.0, float(reset) - time.time())
+        except ValueError:
+            pass
+    return DEFAULT_RATE_LIMIT_WAIT
+
+
+def _is_rate_limited(response: httpx.Response) -> bool:
+    if response.status_code == 429:
+        return True
+    return response.status_code == 403 and (
+        "retry-after" in response.headers or response.headers.get("x-ratelimit-remaining") == "0"
+    )
+
+
+def _message(response: httpx.Response) -> str:
+    """GitHub's message (and validation errors), bounded."""
+    try:
+        data = response.json()
+    except ValueError:
+        return response.text[:500] or response.reason_phrase
+    if not isinstance(data, dict):
+        return str(data)[:500]
+    message = str(data.get("message") or response.reason_phrase)
+    errors = data.get("errors")
+    if errors:
+        message = f"{message}: {errors}"
+    return message[:1000]
+
+
+def _is_token_request(request: httpx.Request | None) -> bool:
+    return request is not None and request.url.path.endswith("/access_tokens")
+
+
+class GitHubProvisioner:
+    """Starts the provisioning workflow with `workflow_dispatch` (see the module doc).
+
+    Give either a GitHub App (`app_id`, `private_key` PEM text, `installation_id`) or a
+    fine-grained `token`. `timeout` bounds each HTTP request (connect, write, read).
+    """
+
+    name = "github"
+
+    def __init__(
+        self,
+        *,
+        repository: str,
+        workflow: str,
+        ref: str = "main",
+        api_url: str = DEFAULT_API_URL,
+        app_id: int | str | None = None,
+        private_key: str | None = None,
+        installation_id: int | None = None,
+        token: str | None = None,
+        timeout: float = 10.0,
+        per_page: int = 100,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        owner, sep, repo = repository.partition("/")
+        if not sep or not owner or not repo or "/" in repo:
+            raise ValueError(f"repository must be owner/name, got {repository!r}")
+        if not workflow:
+            raise ValueError("workflow (the workflow file name) is required")
+        app = (app_id, private_key, installation_id)
+        if token and any(v is not None for v in app):
+            raise ValueError("give either a GitHub App or a token, not both")
+        auth: AppInstallationAuthStrategy | TokenAuthStrategy
+        if token:
+            auth = TokenAuthStrategy(token)
+        elif all(v is not None and v != "" for v in app):
+            auth = AppInstallationAuthStrategy(
+                app_id=app_id,
+                private_key=str(private_key),
+                installation_id=int(installation_id),  # type: ignore[arg-type]
+            )
+        else:
+            raise ValueError("give a GitHub App (app_id, private_key, installation_id) or a token")
+        if timeout <= 0:
+            raise ValueError("timeout must be positive")
+        self.owner, self.repo, self.workflow, self.ref = owner, repo, workflow, ref
+        self.api_url = api_url.rstrip("/")
+        self.per_page = per_page
+        self.gate = rate_limit_gate(self.api_url)
+        self._token_ready = token is not None  # a fine-grained token needs no exchange
+        self._token_lock = asyncio.Lock()
+        self._github = _OneClientGitHub(
+            auth,
+            base_url=self.api_url + "/",
+            timeout=httpx.Timeout(timeout),
+            auto_retry=False,  # a retried dispatch POST could start a second run
+            http_cache=False,  # nothing here may be answered from a cache
+            cache_strategy=MemCacheStrategy(),  # this provisioner's own token cache
+            follow_redirects=False,
+            async_transport=transport,
+        )
+
+    # ------------------------------------------------------------------ the calls
+
+    async def dispatch(self, request: DispatchRequest) -> Result:
+        """POST .../dispatches: 200 (run id and URL) or 204 (GitHub Enterprise Server)."""
+
+        async def call() -> Any:
+            return await self._github.rest.actions.async_create_workflow_dispatch(
+                self.owner,
+                self.repo,
+                self.workflow,
+                data={"ref": self.ref, "inputs": request.inputs()},
+            )
+
+        result = await self._call(call, "dispatch", request.dispatch_id)
+        if isinstance(result, Result):
+            return result
+        response: httpx.Response = result.raw_response
+        if response.status_code == 204:  # no body: nothing to parse
+            return Result(outcome=Outcome.OK, status_code=204)
+        try:
+            data = response.json()
+        except ValueError:
+            data = None
+        if not isinstance(data, dict):
+            data = {}
+        run_id = data.get("workflow_run_id")
+        return Result(
+            outcome=Outcome.OK,
+            status_code=response.status_code,
+            workflow_run_id=None if run_id is None else str(run_id),
+            run_url=data.get("html_url") or None,
+        )
+
+    async def find_run(self, dispatch_id: UUID, created_since: datetime) -> Result:
+        """List the workflow's dispatched runs created since then, page by page, and
+        match the dispatch id in the run's display title (`provision <dispatch_id>`)."""
+        since = created_since.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        wanted = str(dispatch_id)
+        page = 1
+        while True:
+
+            async def call(page: int = page) -> Any:
+                return await self._github.rest.actions.async_list_workflow_runs(
+                    self.owner,
+                    self.repo,
+                    self.workflow,
+                    event="workflow_dispatch",
+                    created=f">={since}",
+                    per_page=self.per_page,
+                    page=page,
+                )
+
+            result = await self._call(call, "find_run", dispatch_id)
+            if isinstance(result, Result):
+                return result
+            response: httpx.Response = result.raw_response
+            data = response.json()
+            runs = data.get("workflow_runs", []) if isinstance(data, dict) else []
+            for run in runs:
+                if wanted in str(run.get("display_title", "")).split():
+                    return Result(
+                        outcome=Outcome.OK,
+                        status_code=response.status_code,
+                        workflow_run_id=str(run["id"]),
+                        run_url=run.get("html_url"),
+                    )
+            if "next" not in response.links or not runs:
+                return Result(outcome=Outcome.NOT_FOUND, status_code=response.status_code)
+            page += 1
+
+    async def cancel_run(self, workflow_run_id: str) -> Result:
+        """POST .../runs/{id}/cancel: 202 → OK; 409 (the run already completed) → OK too,
+        with status_code 409 and GitHub's message: there is nothing left to stop; 404 →
+        NOT_FOUND (cancelling is best effort: a missing run doesn't pause dispatching)."""
+
+        async def call() -> Any:
+            return await self._github.rest.actions.async_cancel_workflow_run(
+                self.owner, self.repo, int(workflow_run_id)
+            )
+
+        if not workflow_run_id.isdigit():
+            return Result(
+                outcome=Outcome.REJECTED, message=f"not a GitHub run id: {workflow_run_id!r}"
+            )
+        result = await self._call(call, "cancel_run", None, ok_statuses=(404, 409))
+        if isinstance(result, Result):
+            return result
+        if result.raw_response.status_code == 404:  # no such run (best effort: not a config fault)
+            return Result(outcome=Outcome.NOT_FOUND, status_code=404)
+        response: httpx.Response = result.raw_response
+        message = _message(response) if response.status_code == 409 else None
+        return Result(outcome=Outcome.OK, status_code=response.status_code, message=message)
+
+    async def aclose(self) -> None:
+        await self._github.close_shared_client()
+
+    # ------------------------------------------------------------------ classification
+
+    async def _call(
+        self,
+        call: Callable[[], Awaitable[Any]],
+        what: str,
+        dispatch_id: UUID | None,
+        ok_statuses: tuple[int, ...] = (),
+    ) -> Any:
+        """Run one githubkit call behind the rate-limit gate: its Response, or the
+        Result its failure comes to."""
+        if self._token_ready:
+            return await self._call_now(call, what, dispatch_id, ok_statuses)
+        # Until an installation token is in hand, one call at a time: calls started
+        # together would each ask GitHub for a token of their own.
+        async with self._token_lock:
+            result = await self._call_now(call, what, dispatch_id, ok_statuses)
+            if not isinstance(result, Result) or result.outcome not in _NO_TOKEN_YET:
+                self._token_ready = True
+            return result
+
+    async def _call_now(
+        self,
+        call: Callable[[], Awaitable[Any]],
+        what: str,
+        dispatch_id: UUID | None,
+        ok_statuses: tuple[int, ...],
+    ) -> Any:
+        waiting = self.gate.remaining()
+        if waiting > 0:
+            return Result(
+                outcome=Outcome.RATE_LIMITED,
+                retry_after=waiting,
+                message="not sent: waiting out GitHub's rate limit",
+            )
+        try:
+            return await call()
+        except RequestFailed as exc:  # an error status (rate-limit subclasses included)
+            response = exc.response.raw_response
+            if response.status_code in ok_statuses:
+                return exc.response
+            return self._classify_answer(response, what, dispatch_id, token_request=False)
+        except RequestError as exc:
+            return self._classify_failure(exc.exc, what, dispatch_id)
+        except (ValueError, TypeError) as exc:  # e.g. a private key that isn't one
+            log.error("github %s: misconfigured: %s", what, type(exc).__name__)
+            return Result(outcome=Outcome.MISCONFIGURED, message=f"{type(exc).__name__}: {exc}")
+
+    def _classify_answer(
+        self,
+        response: httpx.Response,
+        what: str,
+        dispatch_id: UUID | None,
+        *,
+        token_request: bool,
+    ) -> Result:
+        status = response.status_code
+        message = _message(response)
+        if token_request:
+            message = f"installation token request refused ({status}): {message}"
+        if _is_rate_limited(response):
+            wait = _retry_after(response)
+            self.gate.close_for(wait)
+            log.warning(
+                "github %s: rate limited (%s); no request to %s for %.0f s",
+                what,
+                status,
+                self.api_url,
+                wait,
+            )
+            return Result(
+                outcome=Outcome.RATE_LIMITED, status_code=status, message=message, retry_after=wait
+            )
+        if token_request:
+            if status >= 500:  # the dispatch itself was never sent
+                return Result(outcome=Outcome.NOT_SENT, status_code=status, message=message)
+            log.error("github %s: %s", what, message)
+            return Result(outcome=Outcome.MISCONFIGURED, status_code=status, message=message)
+        if status in (400, 410, 422):
+            log.warning("github %s %s: rejected (%s): %s", what, dispatch_id or "", status, message)
+            return Result(outcome=Outcome.REJECTED, status_code=status, message=message)
+        if status in (401, 403, 404):
+            log.error("github %s: misconfigured (%s): %s", what, status, message)
+            return Result(outcome=Outcome.MISCONFIGURED, status_code=status, message=message)
+        if status >= 500:
+            return Result(outcome=Outcome.UNKNOWN, status_code=status, message=message)
+        # Anything else GitHub isn't documented to answer here: the run may exist.
+        return Result(outcome=Outcome.UNKNOWN, status_code=status, message=message)
+
+    def _classify_failure(self, exc: Exception, what: str, dispatch_id: UUID | None) -> Result:
+        if isinstance(exc, RequestFailed):  # the installation-token request, inside the auth flow
+            return self._classify_answer(
+                exc.response.raw_response, what, dispatch_id, token_request=True
+            )
+        if isinstance(exc, httpx.HTTPError):
+            try:
+                request: httpx.Request | None = exc.request
+            except RuntimeError:  # httpx raises when the error carries no request
+                request = None
+            detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            if isinstance(exc, _NOTHING_SENT) or _is_token_request(request):
+                return Result(outcome=Outcome.NOT_SENT, message=detail)
+            log.warning("github %s %s: outcome unknown: %s", what, dispatch_id or "", detail)
+            return Result(outcome=Outcome.UNKNOWN, message=detail)
+        # Not from the wire: the App's credentials could not make a JWT, and the like.
+        log.error("github %s: misconfigured: %s", what, type(exc).__name__)
+        return Result(outcome=Outcome.MISCONFIGURED, message=f"{type(exc).__name__}: {exc}")

@@ -1,0 +1,1 @@
+"""What runs on the workflow's side: the signed callback client."""
