@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 import yaml
@@ -23,7 +24,7 @@ from jobs_app.dispatch.github import GitHubProvisioner
 from jobs_app.dispatch.provisioner import DispatchRequest, Outcome
 from jobs_app.dispatch.simulated import SimulatedProvisioner
 from jobs_app.workflow import callback_client
-from tests.conftest import API_HEADERS, CALLBACK_SECRET, LoggedServer
+from tests.conftest import API_HEADERS, CALLBACK_SECRET, TEST_DATABASE_URL, LoggedServer
 from tests.github_standin import WORKFLOW_INPUTS, GitHubStandIn, RunnerConfig
 from tests.http_helpers import make_job
 
@@ -71,11 +72,34 @@ async def cli(*args: str, secret: str = CALLBACK_SECRET) -> tuple[int, str]:
     return proc.returncode, err.decode()
 
 
-def dispatch_request(server: LoggedServer, job: dict[str, Any], **over: Any) -> DispatchRequest:
+async def issue_dispatch(job: dict[str, Any]) -> uuid.UUID:
+    """A dispatch the service issued for the job's current attempt (what the dispatcher
+    commits before it asks GitHub): callbacks naming any other id are refused. An
+    earlier live one is marked lost, as reconciliation would."""
+    conn = await asyncpg.connect(TEST_DATABASE_URL)
+    try:
+        await conn.execute(
+            "UPDATE dispatches SET state = 'lost' WHERE job_id = $1 AND state = 'pending'",
+            uuid.UUID(job["id"]),
+        )
+        dispatch_id: uuid.UUID = await conn.fetchval(
+            "INSERT INTO dispatches (job_id, attempt, provisioner) VALUES ($1, $2, 'github') "
+            "RETURNING id",
+            uuid.UUID(job["id"]),
+            job["attempt"],
+        )
+        return dispatch_id
+    finally:
+        await conn.close()
+
+
+async def dispatch_request(
+    server: LoggedServer, job: dict[str, Any], **over: Any
+) -> DispatchRequest:
     values: dict[str, Any] = {
         "job_id": job["id"],
         "attempt": job["attempt"],
-        "dispatch_id": uuid.uuid4(),
+        "dispatch_id": await issue_dispatch(job),
         "agent_id": job["agent_id"],
         "user_id": job["user_id"],
         "region": job["region"],
@@ -93,7 +117,7 @@ async def test_the_client_moves_a_job_and_says_what_a_409_means(
 ) -> None:
     job = await make_job(api)
     base = base_url(server, job["id"])
-    dispatch_id = uuid.uuid4()
+    dispatch_id = await issue_dispatch(job)
     async with httpx.AsyncClient(timeout=10) as client:
         started = await callback_client.send_status(
             client, base, CALLBACK_SECRET, attempt=1, status="provisioning",
@@ -137,7 +161,7 @@ async def test_cli_ok_bad_secret_unknown_job_and_409(
 
     rc, err = await cli(
         "status", "--url", base, "--attempt", "1", "--status", "provisioning",
-        "--dispatch-id", str(uuid.uuid4()), "--workflow-run-id", "777",
+        "--dispatch-id", str(await issue_dispatch(job)), "--workflow-run-id", "777",
     )  # fmt: skip
     assert (rc, err) == (0, "")
     assert (await job_of(api, job["id"]))["status"] == "provisioning"
@@ -230,7 +254,7 @@ async def test_the_simulated_provisioner_drives_a_job_to_running(
         secret=CALLBACK_SECRET, start_delay=0.0, heartbeats=2, interval=0.05
     )
     try:
-        req = dispatch_request(server, job)
+        req = await dispatch_request(server, job)
         result = await provisioner.dispatch(req)
         assert result.outcome is Outcome.OK and result.simulated
         assert result.workflow_run_id == f"sim-{req.dispatch_id.hex[:12]}"
@@ -258,7 +282,7 @@ async def test_the_simulated_run_stops_at_a_409_and_can_be_cancelled(
     provisioner = SimulatedProvisioner(secret=CALLBACK_SECRET, start_delay=0.0, interval=0.05)
     slow = SimulatedProvisioner(secret=CALLBACK_SECRET, start_delay=3600)
     try:
-        stale = await provisioner.dispatch(dispatch_request(server, job, attempt=5))
+        stale = await provisioner.dispatch(await dispatch_request(server, job, attempt=5))
         run_id = stale.workflow_run_id
         assert run_id is not None
 
@@ -269,7 +293,7 @@ async def test_the_simulated_run_stops_at_a_409_and_can_be_cancelled(
         assert [o.status_code for o in provisioner.outcomes[run_id]] == [409]
         assert (await job_of(api, job["id"]))["status"] == "queued"
 
-        waiting = await slow.dispatch(dispatch_request(server, job))
+        waiting = await slow.dispatch(await dispatch_request(server, job))
         assert waiting.workflow_run_id is not None
         assert (await slow.cancel_run(waiting.workflow_run_id)).outcome is Outcome.OK
         assert (await slow.cancel_run("sim-unknown")).outcome is Outcome.NOT_FOUND
@@ -300,8 +324,8 @@ async def test_the_standin_runner_acts_as_the_workflow(
     job = await make_job(api)
     stale_job = await make_job(api)
     try:
-        ok = await provisioner.dispatch(dispatch_request(server, job))
-        stale = await provisioner.dispatch(dispatch_request(server, stale_job, attempt=3))
+        ok = await provisioner.dispatch(await dispatch_request(server, job))
+        stale = await provisioner.dispatch(await dispatch_request(server, stale_job, attempt=3))
         assert ok.outcome is Outcome.OK and stale.outcome is Outcome.OK
         assert ok.workflow_run_id and stale.workflow_run_id
         run, stale_run = standin.run(ok.workflow_run_id), standin.run(stale.workflow_run_id)
@@ -392,7 +416,7 @@ async def test_the_provisioning_step_runs_under_bash(
         callback_client.SECRET_ENV: CALLBACK_SECRET,
         callback_client.URL_ENV: base_url(server, job["id"]),
         "JOBS_ATTEMPT": attempt,
-        "JOBS_DISPATCH_ID": str(uuid.uuid4()),
+        "JOBS_DISPATCH_ID": str(await issue_dispatch(job)),
         "GITHUB_RUN_ID": "31337",
         "GITHUB_ENV": str(github_env),
         "GITHUB_OUTPUT": str(github_output),
