@@ -152,9 +152,9 @@ class LoggedServer:
     """
 
     def __init__(
-        self, database_url: str, workers: int = 1, *args: str, **env: str
+        self, database_url: str, workers: int = 1, *args: str, port: int | None = None, **env: str
     ) -> None:  # `args` go to `serve`, `env` over this process's environment
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         full_env = {**os.environ, "DATABASE_URL": database_url, "DB_POOL_MAX_SIZE": "8", **env}
         full_env.pop("PROMETHEUS_MULTIPROC_DIR", None)

@@ -1,0 +1,463 @@
+"""The pipeline end to end: real `jobs-app serve` processes on real PostgreSQL dispatch to
+a GitHub stand-in served over HTTP on loopback (tests/github_standin.py), whose runner
+acts as the workflow through jobs_app's signed callbacks.
+
+Conditions are forced (faults injected per request, processes killed) and waited for
+with bounds; counts are exact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+
+from tests.conftest import API_HEADERS, CALLBACK_SECRET, LoggedServer, free_port, record_figure
+from tests.github_standin import Fault, FaultKind, GitHubStandIn, RunnerConfig
+from tests.http_helpers import make_job, stripe_event, stripe_headers
+
+
+def github_env(standin: GitHubStandIn, port: int, **over: str) -> dict[str, Any]:
+    """A serve process dispatching to the stand-in as a GitHub App, on `port`."""
+    return {
+        "port": port,
+        "JOBS_PROVISIONER": "github",
+        "JOBS_PUBLIC_URL": f"http://127.0.0.1:{port}",
+        "JOBS_GITHUB_API_URL": standin.url,
+        "JOBS_GITHUB_REPOSITORY": standin.repository,
+        "JOBS_GITHUB_WORKFLOW": "provision.yml",
+        "JOBS_GITHUB_APP_ID": str(standin.app_id),
+        "JOBS_GITHUB_APP_PRIVATE_KEY": standin.private_key,
+        "JOBS_GITHUB_INSTALLATION_ID": str(standin.installation_id),
+        "JOBS_GITHUB_TIMEOUT_SECONDS": "2",
+        "DISPATCH_INTERVAL_SECONDS": "0.2",
+        "DISPATCH_RECONCILE_GRACE_SECONDS": "2",
+        "DISPATCH_BACKOFF_BASE_SECONDS": "0.2",
+        "DISPATCH_BACKOFF_MAX_SECONDS": "1",
+        "SWEEP_INTERVAL_SECONDS": "1",
+        **over,
+    }
+
+
+def runner(**over: Any) -> RunnerConfig:
+    return RunnerConfig(secret=CALLBACK_SECRET, **({"start_delay": 0.05, "interval": 0.05} | over))
+
+
+async def wait_for(what: str, check: Callable[[], Any], within: float, every: float = 0.1) -> Any:
+    """Poll `check` (sync or async) until it returns something truthy, for at most `within` s."""
+    deadline = time.monotonic() + within
+    while True:
+        value = check()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(every)  # polling with a bound
+
+
+async def seed_users(db: asyncpg.Connection, n: int) -> list[tuple[uuid.UUID, uuid.UUID]]:
+    """n users with one agent each, made directly in the database (arranging, not testing)."""
+    tag = uuid.uuid4().hex[:8]
+    rows = await db.fetch(
+        """WITH u AS (
+               INSERT INTO users (email)
+               SELECT 'e2e-' || i || '-' || $2 || '@example.com' FROM generate_series(1, $1) i
+               RETURNING id)
+           INSERT INTO agents (user_id, name) SELECT id, 'agent' FROM u
+           RETURNING user_id, id""",
+        n,
+        tag,
+    )
+    return [(r["user_id"], r["id"]) for r in rows]
+
+
+async def job_states(db: asyncpg.Connection) -> Counter[str]:
+    return Counter(r["status"] for r in await db.fetch("SELECT status FROM provisioning_jobs"))
+
+
+# --------------------------------------------------------------------------- the big one
+
+
+async def test_500_paid_checkouts_across_4_processes_with_20_percent_faults(
+    db: asyncpg.Connection,
+    start_logged_server: Callable[..., Any],
+    start_github_standin: Callable[..., GitHubStandIn],
+) -> None:
+    """Every job ends `running`; each was moved by exactly one run; a job has a second run
+    only where GitHub's answer was lost after it created a run that then showed late,
+    and every such extra run was refused (409) at its first callback and cancelled."""
+    n = 500
+    standin = start_github_standin(runner=runner(heartbeats=1))
+    lost_answer = (FaultKind.CREATED_502, FaultKind.CREATED_DROP, FaultKind.CREATED_HOLD)
+    standin.faults.plan(
+        "dispatch",
+        rate=0.2,
+        seed=20261128,
+        kinds=[
+            Fault(FaultKind.ERROR_500),
+            Fault(FaultKind.CREATED_502),
+            Fault(FaultKind.CREATED_DROP),
+            Fault(FaultKind.CREATED_HOLD, hold=3),
+            Fault(FaultKind.HOLD, hold=3),
+            Fault(FaultKind.RATE_LIMIT_429, retry_after=1),
+            Fault(FaultKind.SECONDARY_403, retry_after=1),
+            # The answer is lost and the run shows (and starts) only after the grace period.
+            Fault(FaultKind.CREATED_502, list_delay=5, start_delay=5),
+        ],
+    )
+    servers: list[LoggedServer] = await asyncio.gather(
+        *(start_logged_server(1, **github_env(standin, free_port())) for _ in range(4))
+    )
+    pairs = await seed_users(db, n)
+
+    started = time.monotonic()
+    limit = asyncio.Semaphore(40)
+
+    async def pay(i: int, client: httpx.AsyncClient) -> int:
+        user_id, agent_id = pairs[i]
+        body = stripe_event(user_id, agent_id)
+        async with limit:
+            r = await client.post(
+                f"{servers[i % 4].url}/webhooks/stripe", content=body, headers=stripe_headers(body)
+            )
+        return r.status_code
+
+    async with httpx.AsyncClient(timeout=30) as client:
+        codes = await asyncio.gather(*(pay(i, client) for i in range(n)))
+    assert Counter(codes) == {200: n}
+
+    async def all_running() -> bool:
+        return (await job_states(db)) == {"running": n}
+
+    await wait_for("every job running", all_running, within=240, every=0.5)
+    elapsed = time.monotonic() - started
+
+    jobs = {r["id"]: r for r in await db.fetch("SELECT * FROM provisioning_jobs")}
+    runs_by_job: dict[uuid.UUID, list[Any]] = defaultdict(list)
+    for run in standin.runs():
+        runs_by_job[uuid.UUID(run.inputs["job_id"])].append(run)
+    assert set(runs_by_job) == set(jobs)
+
+    # Exactly one run moved each job: its provisioning callback was taken, and it is the
+    # run of the dispatch the job is bound to.
+    for job_id, runs in runs_by_job.items():
+        movers = [
+            run
+            for run in runs
+            if any(c.status == "provisioning" and c.http_status == 200 for c in run.callbacks)
+        ]
+        assert len(movers) == 1, (job_id, [(r.id, r.callbacks) for r in runs])
+        assert uuid.UUID(movers[0].dispatch_id) == jobs[job_id]["dispatch_id"]
+        assert jobs[job_id]["workflow_run_id"] == str(movers[0].id)
+    events = await db.fetch(
+        "SELECT job_id, array_agg(to_status ORDER BY id) AS path FROM job_events GROUP BY job_id"
+    )
+    assert {tuple(e["path"]) for e in events} == {("queued", "provisioning", "running")}
+
+    # A second run only where an answer was lost after its run was created.
+    lost_jobs = {
+        jobs_of_dispatch
+        for record in standin.records("dispatch")
+        if record.fault in lost_answer
+        for jobs_of_dispatch in [next(
+            (job_id for job_id, runs in runs_by_job.items()
+             if any(r.dispatch_id == record.dispatch_id for r in runs)), None)]
+        if jobs_of_dispatch is not None
+    }  # fmt: skip
+    extra = {job_id: runs for job_id, runs in runs_by_job.items() if len(runs) > 1}
+    assert set(extra) <= lost_jobs
+    extra_runs = [
+        run
+        for job_id, runs in extra.items()
+        for run in runs
+        if uuid.UUID(run.dispatch_id) != jobs[job_id]["dispatch_id"]
+    ]
+    assert len(extra_runs) == sum(len(runs) - 1 for runs in extra.values())
+
+    # Each extra run stopped at its first callback (409) and was cancelled.
+    await wait_for(
+        "the extra runs cancelled",
+        lambda: all(run.cancelled and run.runner_done for run in extra_runs),
+        within=60,
+    )
+    for run in extra_runs:
+        assert not run.callbacks or (
+            run.stopped_by_409
+            and len(run.callbacks) == 1
+            and run.callbacks[0].reason == "superseded_dispatch"
+        ), run.callbacks
+    cancelled_in_db = await db.fetchval(
+        "SELECT count(*) FROM run_cancellations WHERE state = 'done'"
+    )
+    assert cancelled_in_db == len(extra_runs)
+
+    dispatch_records = standin.records("dispatch")
+    faults = Counter(str(r.fault) for r in dispatch_records if r.fault)
+    record_figure(
+        "dispatch: 500 jobs, 4 processes, 20% faults",
+        jobs=n,
+        seconds_to_all_running=round(elapsed, 1),
+        dispatch_requests=len(dispatch_records),
+        faulted_requests=dict(faults),
+        reconcile_listings=len(standin.records("list")),
+        jobs_with_a_second_run=len(extra),
+        extra_runs_refused_and_cancelled=len(extra_runs),
+        violations=0,
+    )
+    for server in servers:
+        assert "Traceback" not in server.log_text(), server.log_text()[-3000:]
+
+
+# --------------------------------------------------------------------------- a process killed
+
+
+async def test_a_process_killed_mid_dispatch_loses_nothing(
+    db: asyncpg.Connection,
+    start_logged_server: Callable[..., Any],
+    start_github_standin: Callable[..., GitHubStandIn],
+) -> None:
+    """SIGKILL while its requests are in flight: the other process takes each dispatch
+    over once its lease expires, reconciles first, and no job gets a second run."""
+    lease, interval = 3.0, 0.2
+    standin = start_github_standin(runner=runner())
+    # The first requests hang (past the client's timeout): half after creating the run.
+    standin.faults.push(
+        "dispatch", Fault(FaultKind.CREATED_HOLD, hold=30), Fault(FaultKind.HOLD, hold=30), count=3
+    )
+    env = {
+        "DISPATCH_LEASE_SECONDS": str(lease),
+        "DISPATCH_INTERVAL_SECONDS": str(interval),
+        "JOBS_GITHUB_TIMEOUT_SECONDS": "20",
+    }
+    a, b = await asyncio.gather(
+        start_logged_server(1, **github_env(standin, free_port(), **env)),
+        start_logged_server(1, **github_env(standin, free_port(), **env)),
+    )
+    async with httpx.AsyncClient(base_url=a.url, headers=API_HEADERS, timeout=30) as api:
+        jobs = [await make_job(api) for _ in range(6)]
+    await wait_for("6 requests in flight", lambda: len(standin.records("dispatch")) >= 6, 30)
+
+    owners = await db.fetch("SELECT id, lease_owner FROM dispatches")
+    assert len(owners) == 6 and all(o["lease_owner"] for o in owners)
+    pids = {int(o["lease_owner"].split(":")[1]) for o in owners}
+    victim = a if a.proc.pid in pids else b
+    survivor = b if victim is a else a
+    victims = {o["id"] for o in owners if int(o["lease_owner"].split(":")[1]) == victim.proc.pid}
+    victim.proc.kill()
+    victim.proc.wait()
+    killed_at = await db.fetchval("SELECT now()")
+
+    async def all_running() -> bool:
+        return (await job_states(db)) == {"running": 6}
+
+    await wait_for("every job running", all_running, within=90, every=0.2)
+
+    runs = Counter(run.inputs["job_id"] for run in standin.runs())
+    assert runs == {job["id"]: 1 for job in jobs}  # none dispatched twice
+    for dispatch_id in victims:
+        tries = await db.fetch(
+            "SELECT kind, outcome, created_at FROM dispatch_tries WHERE dispatch_id = $1 "
+            "ORDER BY id",
+            dispatch_id,
+        )
+        # Taken over by the survivor: it looked for the run before anything else.
+        assert tries[0]["kind"] == "reconcile", tries
+        delay = (tries[0]["created_at"] - killed_at).total_seconds()
+        assert delay <= lease + interval + 5, delay  # lease + interval, and a bounded slack
+    record_figure(
+        "dispatch: SIGKILL mid-dispatch",
+        dispatches_of_the_killed_process=len(victims),
+        lease_seconds=lease,
+        runs_per_job=sorted(set(runs.values())),
+    )
+    assert "Traceback" not in survivor.log_text(), survivor.log_text()[-3000:]
+
+
+# --------------------------------------------------------------------------- GitHub's answers
+
+
+async def test_after_a_429_the_process_sends_nothing_for_retry_after_seconds(
+    db: asyncpg.Connection,
+    start_logged_server: Callable[..., Any],
+    start_github_standin: Callable[..., GitHubStandIn],
+) -> None:
+    retry_after = 3
+    standin = start_github_standin(runner=None)
+    standin.faults.push("dispatch", Fault(FaultKind.RATE_LIMIT_429, retry_after=retry_after))
+    server = await start_logged_server(1, **github_env(standin, free_port()))
+    async with httpx.AsyncClient(base_url=server.url, headers=API_HEADERS, timeout=30) as api:
+        for _ in range(5):
+            await make_job(api)
+    await wait_for(
+        "every job dispatched",
+        lambda: db.fetchval("SELECT count(*) = 5 FROM dispatches WHERE state = 'dispatched'"),
+        within=60,
+    )
+    records = sorted(standin.records(), key=lambda r: r.received)
+    [limited] = [r for r in records if r.status == 429]
+    after = [r for r in records if r.received > limited.received]
+    assert after, "nothing was sent after the limit"
+    assert limited.answered is not None
+    assert min(r.received for r in after) - limited.answered >= retry_after
+    health = (await httpx.AsyncClient().get(f"{server.url}/health")).json()
+    assert health["dispatcher"]["provisioner"] == "github"
+
+
+async def test_a_refused_dispatch_fails_the_job_with_githubs_message(
+    db: asyncpg.Connection,
+    start_logged_server: Callable[..., Any],
+    start_github_standin: Callable[..., GitHubStandIn],
+) -> None:
+    standin = start_github_standin(runner=None)
+    message = "Workflow does not have 'workflow_dispatch' trigger"
+    standin.faults.push("dispatch", Fault(FaultKind.REJECT_422, message=message))
+    server = await start_logged_server(1, **github_env(standin, free_port()))
+    async with httpx.AsyncClient(base_url=server.url, headers=API_HEADERS, timeout=30) as api:
+        job = await make_job(api)
+
+        async def failed() -> dict[str, Any] | None:
+            got = (await api.get(f"/api/jobs/{job['id']}")).json()
+            return got if got["status"] == "failed" else None
+
+        got = await wait_for("the job failed", failed, within=30)
+        assert got["failure_reason"] == "dispatch_error"
+        assert got["error"] == f"GitHub answered 422: {message}"
+        [item] = (await api.get(f"/api/jobs/{job['id']}/dispatches")).json()["items"]
+    assert item["state"] == "failed" and item["tries"] == 1
+    assert item["last_error"] == f"GitHub answered 422: {message}"
+    assert [(t["kind"], t["outcome"], t["status_code"]) for t in item["history"]] == [
+        ("dispatch", "rejected", 422)
+    ]
+    assert {
+        "dispatch_id", "attempt", "state", "tries", "workflow_run_id", "run_url", "last_error",
+        "created_at", "dispatched_at",
+    } <= set(item)  # fmt: skip
+
+
+async def test_wrong_credentials_pause_dispatching_and_say_so_in_health(
+    db: asyncpg.Connection,
+    start_logged_server: Callable[..., Any],
+    start_github_standin: Callable[..., GitHubStandIn],
+) -> None:
+    standin = start_github_standin(runner=None)
+    env = github_env(standin, free_port(), JOBS_GITHUB_INSTALLATION_ID="999")
+    server = await start_logged_server(1, **env)
+    async with httpx.AsyncClient(base_url=server.url, headers=API_HEADERS, timeout=30) as api:
+        job = await make_job(api)
+
+        async def paused() -> dict[str, Any] | None:
+            health = await api.get("/health")
+            body = health.json()
+            return body if body.get("dispatcher", {}).get("state") == "paused" else None
+
+        health = await wait_for("the dispatcher paused", paused, within=30)
+        assert health["status"] == "ok"  # the API itself works: still 200
+        assert health["dispatcher"]["reason"].startswith("misconfigured")
+        assert (await api.get(f"/api/jobs/{job['id']}")).json()["status"] == "queued"
+        metrics = (await api.get("/metrics")).text
+    assert 'jobs_dispatch_pauses_total{reason="misconfigured"}' in metrics
+    assert "dispatching paused: provisioner misconfigured" in server.log_text()
+    assert standin.records("dispatch") == []  # the token was refused: nothing dispatched
+
+
+async def test_on_github_enterprise_server_the_run_id_comes_from_the_first_callback(
+    db: asyncpg.Connection,
+    start_logged_server: Callable[..., Any],
+    start_github_standin: Callable[..., GitHubStandIn],
+) -> None:
+    standin = start_github_standin(runner=runner(), ghes=True)
+    server = await start_logged_server(1, **github_env(standin, free_port()))
+    async with httpx.AsyncClient(base_url=server.url, headers=API_HEADERS, timeout=30) as api:
+        job = await make_job(api)
+
+        async def running() -> dict[str, Any] | None:
+            got = (await api.get(f"/api/jobs/{job['id']}")).json()
+            return got if got["status"] == "running" else None
+
+        done = await wait_for("the job running", running, within=30)
+        [item] = (await api.get(f"/api/jobs/{job['id']}/dispatches")).json()["items"]
+    [run] = standin.runs()
+    assert [r.status for r in standin.records("dispatch")] == [204]
+    assert item["state"] == "dispatched" and item["bound"]
+    assert item["workflow_run_id"] == done["workflow_run_id"] == str(run.id)
+
+
+# --------------------------------------------------------------------------- simulated
+
+
+async def test_make_runs_configuration_provisions_a_job_by_itself(
+    db: asyncpg.Connection, start_logged_server: Callable[..., Any]
+) -> None:
+    """Dev mode with no provisioner named: the simulated workflow takes a job created
+    through the API to `running`, through the server's own signed callbacks."""
+    server = await start_logged_server(1, JOBS_DEV_MODE="1")
+    async with httpx.AsyncClient(base_url=server.url, headers=API_HEADERS, timeout=30) as api:
+        job = await make_job(api)
+
+        async def running() -> dict[str, Any] | None:
+            got = (await api.get(f"/api/jobs/{job['id']}")).json()
+            return got if got["status"] == "running" else None
+
+        done = await wait_for("the job running", running, within=60)
+        [item] = (await api.get(f"/api/jobs/{job['id']}/dispatches")).json()["items"]
+        events = (await api.get(f"/api/jobs/{job['id']}/events")).json()["items"]
+    assert done["workflow_run_id"].startswith("sim-")
+    assert item["provisioner"] == "simulated" and item["bound"]
+    assert [e["to_status"] for e in events] == ["queued", "provisioning", "running"]
+    assert "simulated" in server.log_text()
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({"JOBS_PROVISIONER": "github"}, "JOBS_PUBLIC_URL"),
+        (
+            {"JOBS_PROVISIONER": "github", "JOBS_PUBLIC_URL": "http://x"},
+            "JOBS_GITHUB_REPOSITORY",
+        ),
+        (
+            {
+                "JOBS_PROVISIONER": "github",
+                "JOBS_PUBLIC_URL": "http://x",
+                "JOBS_GITHUB_REPOSITORY": "acme/infra",
+                "JOBS_GITHUB_WORKFLOW": "provision.yml",
+                "JOBS_GITHUB_TOKEN": "t",
+                "JOBS_GITHUB_APP_ID": "1",
+            },
+            "JOBS_GITHUB_TOKEN",
+        ),
+        (
+            {
+                "JOBS_PROVISIONER": "github",
+                "JOBS_PUBLIC_URL": "http://x",
+                "JOBS_GITHUB_REPOSITORY": "acme/infra",
+                "JOBS_GITHUB_WORKFLOW": "provision.yml",
+                "JOBS_GITHUB_APP_ID": "1",
+            },
+            "JOBS_GITHUB_INSTALLATION_ID",
+        ),
+        ({"JOBS_PROVISIONER": "gitlab"}, "JOBS_PROVISIONER"),
+    ],
+)
+async def test_missing_or_contradictory_settings_stop_serve_naming_the_variable(
+    database: str, env: dict[str, str], variable: str
+) -> None:
+    import os
+    import sys
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "jobs_app.cli", "serve", "--port", str(free_port()),
+        env={**os.environ, "DATABASE_URL": database, **env},
+        stderr=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 2
+    assert variable in err.decode(), err.decode()
