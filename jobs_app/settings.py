@@ -41,6 +41,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     db_timeout_seconds: float = 10.0
     """Upper bound for acquiring a connection and for one statement."""
     max_body_bytes: int = 1024 * 1024
+    access_log: bool = False
+    """One structured access line per request (`jobs-app serve --access-log`)."""
 
     def require_secrets(self) -> Settings:
         """Settings with every secret present: generated in dev mode, else an error naming them."""
@@ -107,6 +109,7 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         pool_min_size=int(_env_number(e, "DB_POOL_MIN_SIZE", d.pool_min_size)),
         pool_max_size=int(_env_number(e, "DB_POOL_MAX_SIZE", d.pool_max_size)),
         db_timeout_seconds=_env_number(e, "DB_TIMEOUT_SECONDS", d.db_timeout_seconds),
+        access_log=e.get("JOBS_ACCESS_LOG", "").lower() in _TRUE,
     )
 
 

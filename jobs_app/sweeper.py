@@ -7,22 +7,26 @@ on the latest row, so N replicas reach the same outcome as one.
 from __future__ import annotations
 
 import asyncio
-import logging
 import random
 
 from jobs_app import queue
+from jobs_app.observability import get_logger, job_context, round_span
 
-log = logging.getLogger("jobs_app.sweeper")
+log = get_logger("jobs_app.sweeper")
 
 
 async def run_forever(interval: float) -> None:
     while True:
         # Jitter keeps replicas started together from sweeping in lockstep.
         await asyncio.sleep(interval * random.uniform(0.8, 1.2))
-        try:
-            failed = await queue.sweep_stale_jobs()
-        except Exception:  # the next round tries again, e.g. once the database is back
-            log.warning("sweep failed", exc_info=True)
-            continue
+        with round_span("sweeper.round") as span:
+            try:
+                failed = await queue.sweep_stale_jobs()
+            except Exception:  # the next round tries again, e.g. once the database is back
+                log.warning("sweep failed", exc_info=True)
+                continue
+            if span is not None:
+                span.set_attribute("jobs_app.failed_jobs", len(failed))
         for job in failed:
-            log.info("failed stale job %s: %s", job.id, job.error)
+            with job_context(job.id, job.attempt, workflow_run_id=job.workflow_run_id):
+                log.info("stale job failed", reason=job.failure_reason, error=job.error)

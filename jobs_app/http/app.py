@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import AsyncIterator
 
 from litestar import Litestar
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 
-from jobs_app import database, sweeper
+from jobs_app import database, observability, sweeper
 from jobs_app.admin import admin_route_handlers
 from jobs_app.http.callbacks import CallbackController
 from jobs_app.http.errors import EXCEPTION_HANDLERS
@@ -22,12 +21,16 @@ from jobs_app.http.webhooks import stripe_webhook
 from jobs_app.metrics import MetricsMiddleware
 from jobs_app.settings import Settings, get_settings
 
-log = logging.getLogger("jobs_app")
+log = observability.get_logger("jobs_app")
 
 
 def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) -> Litestar:
     """Build the app. Refuses to start without its secrets (unless in dev mode)."""
     settings = (settings or get_settings()).require_secrets()
+    # Configured here, not only in the CLI: each uvicorn worker is a process of its own.
+    observability.configure_logging(settings)
+    observability.configure_tracing()  # only when the OTEL_* variables ask for it
+    tracing_plugin = observability.tracing.litestar_plugin()
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
@@ -38,11 +41,21 @@ def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) ->
         try:
             yield
         finally:
+            # Shutdown runs after uvicorn has stopped accepting connections and the
+            # requests in flight have finished (or serve's graceful timeout passed).
+            # Steps in order; add new ones here, before the pool closes:
+            #   - background loops stop (the sweeper; the dispatcher, which gives up
+            #     the dispatch leases it holds so another replica takes them at once);
+            #   - the live-update listener closes its LISTEN connection;
+            #   - then the pool, then buffered spans are exported.
+            log.info("shutting down")
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             await database.close_pool()
+            observability.shutdown_tracing()
+            log.info("shut down")
 
     app = Litestar(
         route_handlers=[
@@ -70,7 +83,16 @@ def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) ->
                 }
             ),
         ),
+        plugins=[
+            observability.structlog_plugin(settings),
+            *([tracing_plugin] if tracing_plugin else []),
+        ],
         debug=False,
     )
     app.state.settings = settings
+    # Outermost: around Litestar's exception handling and routing, so 404s get a
+    # request id and an access line too (app middleware never sees them).
+    app.asgi_handler = observability.RequestContextMiddleware(
+        app.asgi_handler, access_log=settings.access_log
+    )
     return app
