@@ -70,7 +70,7 @@ def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) ->
         ],
         lifespan=[lifespan],
         exception_handlers=EXCEPTION_HANDLERS,
-        middleware=[MetricsMiddleware],
+        middleware=[MetricsMiddleware, *observability.tracing.litestar_middleware()],
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(
             title="jobs_app",

@@ -10,6 +10,7 @@ JOBS_LOG_FORMAT=json|console overrides.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 from collections.abc import Iterator, Mapping
@@ -41,6 +42,22 @@ if not structlog.is_configured():
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=False,
     )
+
+
+class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever sys.stderr is when a line is written, not when configured
+    (test runners swap it; a handler holding the old one writes to a closed file)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _: Any) -> None:
+        """The stream is always the current sys.stderr."""
 
 
 def get_logger(name: str) -> Any:
@@ -224,8 +241,7 @@ def structlog_config(settings: Settings, fmt: LogFormat | None = None) -> Struct
         },
         handlers={
             "console": {
-                "class": "logging.StreamHandler",
-                "stream": "ext://sys.stderr",
+                "()": StderrHandler,
                 "formatter": "structured",
             },
             # LoggingConfig insists on this name; here it is the same synchronous handler.

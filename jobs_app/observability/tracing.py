@@ -120,6 +120,29 @@ def litestar_plugin() -> InitPlugin | None:
     return OpenTelemetryPlugin(OpenTelemetryConfig(tracer_provider=_provider))
 
 
+class RouteSpanNameMiddleware:
+    """Names the request's span by its route template (`POST /api/jobs/{job_id}/retry`),
+    not its path: the OpenTelemetry middleware starts the span before routing, so it
+    only knows the path, whose ids would make every span name unique."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        template = scope.get("path_template")
+        if _trace is not None and template and scope["type"] == "http":
+            span = _trace.get_current_span()
+            if span.is_recording():
+                span.update_name(f"{scope['method']} {template}")
+                span.set_attribute("http.route", template)
+        await self.app(scope, receive, send)
+
+
+def litestar_middleware() -> list[Any]:
+    """App middleware that goes with the plugin (empty when tracing is off)."""
+    return [RouteSpanNameMiddleware] if _provider is not None else []
+
+
 @contextlib.contextmanager
 def round_span(name: str, **attributes: Any) -> Iterator[Any]:
     """One span for one round of a background loop (`sweeper.round`, `dispatch.round`):
