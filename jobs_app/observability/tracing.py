@@ -117,7 +117,11 @@ def litestar_plugin() -> InitPlugin | None:
         return None
     from litestar.plugins.opentelemetry import OpenTelemetryConfig, OpenTelemetryPlugin
 
-    return OpenTelemetryPlugin(OpenTelemetryConfig(tracer_provider=_provider))
+    # No spans for each ASGI receive/send message: a request is one span, its statements
+    # and calls its children.
+    return OpenTelemetryPlugin(
+        OpenTelemetryConfig(tracer_provider=_provider, exclude_spans=["receive", "send"])
+    )
 
 
 class RouteSpanNameMiddleware:
