@@ -41,6 +41,22 @@ def test_log_format_is_json_outside_dev_mode_and_can_be_overridden():
     assert log_format(load_settings({}), {"JOBS_LOG_FORMAT": "console"}) == "console"
 
 
+def test_before_logging_is_configured_nothing_is_written_to_stdout():
+    """A program whose stdout is data (a test's child process) imports jobs_app and logs
+    before anything configured logging: the lines go to stderr, never stdout."""
+    code = (
+        "from jobs_app import queue\n"
+        "from jobs_app.observability import get_logger\n"
+        "get_logger('jobs_app.child').warning('careful', job_id='j-1')\n"
+        "print('data')\n"
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert child.stdout == "data\n"
+    assert "careful" in child.stderr and "job_id=j-1" in child.stderr
+
+
 def _migrate(database: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "jobs_app.cli", "migrate"],

@@ -37,7 +37,7 @@ if not structlog.is_configured():
     # programs whose stdout is data (test children, `jobs-app` output read by scripts).
     # Hand events to the standard library instead: stderr, WARNING and up, like it.
     structlog.configure(
-        processors=[structlog.stdlib.render_to_log_kwargs],
+        processors=[structlog.dev.ConsoleRenderer(colors=False)],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=False,
