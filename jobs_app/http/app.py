@@ -27,8 +27,6 @@ log = observability.get_logger("jobs_app")
 def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) -> Litestar:
     """Build the app. Refuses to start without its secrets (unless in dev mode)."""
     settings = (settings or get_settings()).require_secrets()
-    # Configured here, not only in the CLI: each uvicorn worker is a process of its own.
-    observability.configure_logging(settings)
     observability.configure_tracing()  # only when the OTEL_* variables ask for it
     tracing_plugin = observability.tracing.litestar_plugin()
 
@@ -84,6 +82,8 @@ def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) ->
             ),
         ),
         plugins=[
+            # Configures logging as the app is built, not only in the CLI: each uvicorn
+            # worker is a process of its own.
             observability.structlog_plugin(settings),
             *([tracing_plugin] if tracing_plugin else []),
         ],
