@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import shutil
 import signal
@@ -14,7 +13,8 @@ from pathlib import Path
 
 import msgspec
 
-from jobs_app.settings import Settings, SettingsError, get_settings
+from jobs_app.observability import get_logger
+from jobs_app.settings import Settings, SettingsError, get_settings, load_settings
 
 
 def _migrate() -> None:
@@ -33,7 +33,10 @@ def _prepare_metrics_dir() -> None:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
 
 
-log = logging.getLogger("jobs_app.cli")
+GRACEFUL_SHUTDOWN_SECONDS = 10
+
+
+log = get_logger("jobs_app.cli")
 
 
 def _check_dispatch(settings: Settings) -> None:
@@ -61,6 +64,8 @@ def serve(host: str, port: int, workers: int, access_log: bool) -> None:
     os.environ["JOBS_API_TOKEN"] = settings.api_token
     os.environ["JOBS_CALLBACK_SECRET"] = settings.callback_secret
     os.environ["STRIPE_WEBHOOK_SECRET"] = settings.stripe_webhook_secret
+    if access_log:  # read by every worker's app (observability.RequestContextMiddleware)
+        os.environ["JOBS_ACCESS_LOG"] = "1"
     get_settings.cache_clear()  # a worker in this process must read them back, not regenerate
     _migrate()
     _prepare_metrics_dir()
@@ -71,9 +76,14 @@ def serve(host: str, port: int, workers: int, access_log: bool) -> None:
         workers=workers,
         loop="uvloop",
         http="httptools",
-        access_log=access_log,
+        # Logging is the app's (configured in create_app, in each worker); the access
+        # line is its own too: uvicorn's would carry the raw query string.
+        log_config=None,
+        access_log=False,
         proxy_headers=False,
-        timeout_graceful_shutdown=10,
+        # SIGTERM: stop accepting, let requests in flight finish within this, then
+        # run the lifespan's shutdown (README, "Shutdown and deploys").
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
     )
 
 
@@ -115,7 +125,11 @@ def main(argv: list[str] | None = None) -> None:
     serve_cmd.add_argument("--host", default="127.0.0.1")
     serve_cmd.add_argument("--port", type=int, default=8000)
     serve_cmd.add_argument("--workers", type=int, default=1)
-    serve_cmd.add_argument("--access-log", action="store_true", help="log every request")
+    serve_cmd.add_argument(
+        "--access-log",
+        action="store_true",
+        help="one structured line per request (also JOBS_ACCESS_LOG=1)",
+    )
     commands.add_parser("migrate", help="apply all migrations (safe to run concurrently)")
     commands.add_parser(
         "dispatch", help="run only the dispatcher (serve runs one in every process too)"
@@ -127,9 +141,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "callback":  # the workflow's client: no settings, no database
         raise SystemExit(run_callback_command(args))
 
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    from jobs_app.observability import configure_logging
+
+    configure_logging(load_settings())
     try:
         if args.command == "serve":
             serve(args.host, args.port, args.workers, args.access_log)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import logging
+import io
 import threading
 from collections.abc import AsyncIterator
 from typing import Any
@@ -19,9 +19,10 @@ import asyncpg
 from piccolo.engine.postgres import PostgresEngine
 
 from jobs_app.errors import DatabaseUnavailableError
+from jobs_app.observability import get_logger
 from jobs_app.settings import Settings, get_settings
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 MIGRATION_LOCK_KEY = 0x6A6F6273  # "jobs": pg_advisory_lock key serialising migrations
 
@@ -38,7 +39,7 @@ def embedded_database_url(settings: Settings) -> str:
 
             data_dir = settings.data_dir.resolve()
             data_dir.mkdir(parents=True, exist_ok=True)
-            log.info("starting embedded PostgreSQL in %s", data_dir / "pgdata")
+            log.info("starting embedded PostgreSQL", data_dir=str(data_dir / "pgdata"))
             # cleanup_mode=None: the server outlives this process and is reused next time.
             server = pgserver.get_server(data_dir / "pgdata", cleanup_mode=None)
             _embedded_uri = server.get_uri()
@@ -192,9 +193,17 @@ async def migrate() -> None:
     lock_conn = await engine.get_new_connection()
     try:
         await lock_conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
-        result = await run_forwards(app_name="all")
+        # Piccolo prints its progress; it becomes one log line, so stdout stays clean
+        # and a JSON log stays one object a line.
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            result = await run_forwards(app_name="all")
+        lines = (line.strip() for line in printed.getvalue().splitlines())
+        output = " | ".join(line for line in lines if line.strip("-"))
         if not result.success:
+            log.error("migrations failed", output=output, message=result.message)
             raise RuntimeError(f"migrations failed: {result.message}")
+        log.info("migrations applied", output=output)
     finally:
         # Closing the session releases the lock even if the unlock never ran.
         await lock_conn.close()

@@ -63,6 +63,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     dispatch_backoff_max_seconds: float = 300.0
     dispatch_batch: int = 20
     """Dispatches one process works on at once."""
+    access_log: bool = False
+    """One structured access line per request (`jobs-app serve --access-log`)."""
 
     def require_secrets(self) -> Settings:
         """Settings with every secret present: generated in dev mode, else an error naming them."""
@@ -239,6 +241,7 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
             e, "DISPATCH_BACKOFF_MAX_SECONDS", d.dispatch_backoff_max_seconds, minimum=0.01
         ),
         dispatch_batch=int(_env_number(e, "DISPATCH_BATCH", d.dispatch_batch)),
+        access_log=e.get("JOBS_ACCESS_LOG", "").lower() in _TRUE,
     )
 
 

@@ -7,22 +7,32 @@ on the latest row, so N replicas reach the same outcome as one.
 from __future__ import annotations
 
 import asyncio
-import logging
 import random
 
 from jobs_app import queue
+from jobs_app.observability import get_logger, job_context, round_span
 
-log = logging.getLogger("jobs_app.sweeper")
+log = get_logger("jobs_app.sweeper")
+
+
+async def sweep_once() -> int:
+    """One round, in a span of its own: fail what is stale, log each job it failed."""
+    with round_span("sweeper.round") as span:
+        try:
+            failed = await queue.sweep_stale_jobs()
+        except Exception:  # the next round tries again, e.g. once the database is back
+            log.warning("sweep failed", exc_info=True)
+            return 0
+        if span is not None:
+            span.set_attribute("jobs_app.failed_jobs", len(failed))
+        for job in failed:
+            with job_context(job.id, job.attempt, workflow_run_id=job.workflow_run_id):
+                log.info("stale job failed", reason=job.failure_reason, error=job.error)
+        return len(failed)
 
 
 async def run_forever(interval: float) -> None:
     while True:
         # Jitter keeps replicas started together from sweeping in lockstep.
         await asyncio.sleep(interval * random.uniform(0.8, 1.2))
-        try:
-            failed = await queue.sweep_stale_jobs()
-        except Exception:  # the next round tries again, e.g. once the database is back
-            log.warning("sweep failed", exc_info=True)
-            continue
-        for job in failed:
-            log.info("failed stale job %s: %s", job.id, job.error)
+        await sweep_once()

@@ -178,6 +178,18 @@ class LoggedServer:
     def log_text(self) -> str:
         return "".join(self.log_lines)
 
+    def json_lines(self) -> list[dict[str, object]]:
+        """Every line of the output as the JSON object it must be (fails on any other)."""
+        import json
+
+        parsed = []
+        for line in list(self.log_lines):
+            if line.strip():
+                record = json.loads(line)
+                assert isinstance(record, dict), line
+                parsed.append(record)
+        return parsed
+
     async def wait_ready(self, within: float = 30.0) -> None:
         import httpx
 

@@ -22,14 +22,14 @@ import uuid
 from datetime import timedelta
 
 import msgspec
-import structlog
 
 from jobs_app import dispatches, metrics
 from jobs_app.dispatch.provisioner import DispatchRequest, Outcome, Provisioner, Result
 from jobs_app.errors import DatabaseUnavailableError
+from jobs_app.observability import get_logger, job_context, round_span
 from jobs_app.settings import Settings
 
-log = structlog.get_logger("jobs_app.dispatch")
+log = get_logger("jobs_app.dispatch")
 
 CANCEL_MAX_TRIES = 10
 RECONCILE_MARGIN = timedelta(minutes=2)
@@ -126,7 +126,15 @@ class Dispatcher:
     # ------------------------------------------------------------------ one round
 
     async def run_once(self) -> int:
-        """One round; the number of dispatches it started work on."""
+        """One round (one trace span; the work it starts is traced under it); the number
+        of dispatches it started work on."""
+        with round_span("dispatch.round", provisioner=self.provisioner.name) as span:
+            started = await self._round()
+            if span is not None:
+                span.set_attribute("dispatches", started)
+            return started
+
+    async def _round(self) -> int:
         s = self.settings
         for job in await dispatches.fail_past_deadline(s.dispatch_deadline_seconds):
             log.warning(
@@ -162,12 +170,15 @@ class Dispatcher:
             self._tasks.pop(claim.dispatch_id, None)
 
     async def _work_on(self, claim: dispatches.Claim) -> None:
-        context = {
-            "job_id": str(claim.job_id),
-            "attempt": claim.attempt,
-            "dispatch_id": str(claim.dispatch_id),
-        }
-        with structlog.contextvars.bound_contextvars(**context):
+        with (
+            job_context(claim.job_id, claim.attempt, dispatch_id=claim.dispatch_id),
+            round_span(
+                "dispatch.reconcile" if claim.reconcile else "dispatch.request",
+                job_id=str(claim.job_id),
+                attempt=claim.attempt,
+                dispatch_id=str(claim.dispatch_id),
+            ),
+        ):
             try:
                 if claim.reconcile:
                     await self._reconcile(claim)
@@ -312,9 +323,7 @@ class Dispatcher:
 
     async def _cancel(self, cancellation: dispatches.Cancellation) -> None:
         run_id = cancellation.workflow_run_id
-        with structlog.contextvars.bound_contextvars(
-            job_id=str(cancellation.job_id), workflow_run_id=run_id
-        ):
+        with job_context(cancellation.job_id, workflow_run_id=run_id):
             result = await self.provisioner.cancel_run(run_id)
             metrics.DISPATCH_OUTCOMES.labels("cancel", result.outcome).inc()
             done = result.outcome in (Outcome.OK, Outcome.REJECTED, Outcome.NOT_FOUND)

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import AsyncIterator
 
 from litestar import Litestar
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 
-from jobs_app import database, sweeper
+from jobs_app import database, observability, sweeper
 from jobs_app.admin import admin_route_handlers
 from jobs_app.dispatch.dispatcher import Dispatcher
 from jobs_app.dispatch.factory import make_provisioner
@@ -24,7 +23,7 @@ from jobs_app.http.webhooks import stripe_webhook
 from jobs_app.metrics import MetricsMiddleware
 from jobs_app.settings import Settings, get_settings
 
-log = logging.getLogger("jobs_app")
+log = observability.get_logger("jobs_app")
 
 
 def create_app(
@@ -33,6 +32,8 @@ def create_app(
     """Build the app. Refuses to start without its secrets (unless in dev mode), or with
     dispatch settings that contradict each other."""
     settings = (settings or get_settings()).require_secrets().check_dispatch()
+    observability.configure_tracing()  # only when the OTEL_* variables ask for it
+    tracing_plugin = observability.tracing.litestar_plugin()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -48,6 +49,14 @@ def create_app(
         try:
             yield
         finally:
+            # Shutdown runs after uvicorn has stopped accepting connections and the
+            # requests in flight have finished (or serve's graceful timeout passed).
+            # Steps in order; add new ones here, before the pool closes:
+            #   - background loops stop (the sweeper; the dispatcher, which gives up
+            #     the dispatch leases it holds so another replica takes them at once);
+            #   - the live-update listener closes its LISTEN connection;
+            #   - then the pool, then buffered spans are exported.
+            log.info("shutting down")
             # Leases first, so another replica takes this process's dispatches at once.
             if dispatcher is not None:
                 await dispatcher.stop()
@@ -57,6 +66,8 @@ def create_app(
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             await database.close_pool()
+            observability.shutdown_tracing()
+            log.info("shut down")
 
     app = Litestar(
         route_handlers=[
@@ -71,7 +82,7 @@ def create_app(
         ],
         lifespan=[lifespan],
         exception_handlers=EXCEPTION_HANDLERS,
-        middleware=[MetricsMiddleware],
+        middleware=[MetricsMiddleware, *observability.tracing.litestar_middleware()],
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(
             title="jobs_app",
@@ -84,8 +95,19 @@ def create_app(
                 }
             ),
         ),
+        plugins=[
+            # Configures logging as the app is built, not only in the CLI: each uvicorn
+            # worker is a process of its own.
+            observability.structlog_plugin(settings),
+            *([tracing_plugin] if tracing_plugin else []),
+        ],
         debug=False,
     )
     app.state.settings = settings
     app.state.dispatcher = None
+    # Outermost: around Litestar's exception handling and routing, so 404s get a
+    # request id and an access line too (app middleware never sees them).
+    app.asgi_handler = observability.RequestContextMiddleware(
+        app.asgi_handler, access_log=settings.access_log
+    )
     return app

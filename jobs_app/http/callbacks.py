@@ -17,6 +17,9 @@ from jobs_app.http.auth import require_signature
 from jobs_app.http.errors import error_responses
 from jobs_app.http.schemas import Heartbeat, Job, StatusCallback
 from jobs_app.lifecycle import Actor
+from jobs_app.observability import bind_job, get_logger
+
+log = get_logger("jobs_app.callbacks")
 
 
 class CallbackController(Controller):
@@ -37,7 +40,14 @@ class CallbackController(Controller):
         the attempt is bound to is 409, with `extra.reason` `invalid_transition`,
         `stale_attempt` or `superseded_dispatch`: the run must stop.
         """
-        return await queue.update_job_status(
+        # Bound before the call: a refusal (409) is logged with the job's fields too.
+        bind_job(
+            job_id,
+            data.attempt,
+            dispatch_id=data.dispatch_id,
+            workflow_run_id=data.workflow_run_id,
+        )
+        job = await queue.update_job_status(
             job_id,
             status=data.status,
             attempt=data.attempt,
@@ -47,6 +57,14 @@ class CallbackController(Controller):
             failed_step=data.failed_step,
             actor=Actor.WORKFLOW,
         )
+        log.info(
+            "status reported",
+            status=job.status,
+            workflow_run_id=job.workflow_run_id,
+            failed_step=job.failed_step,
+            error=job.error,
+        )
+        return job
 
     @post(
         "/{job_id:uuid}/heartbeat",
@@ -55,9 +73,11 @@ class CallbackController(Controller):
     )
     async def heartbeat(self, job_id: FromPath[UUID], data: JSONBody[Heartbeat]) -> None:
         """A sign of life from the workflow running this attempt."""
+        bind_job(job_id, data.attempt, dispatch_id=data.dispatch_id)
         await queue.record_heartbeat(
             job_id,
             attempt=data.attempt,
             dispatch_id=data.dispatch_id,
             workflow_run_id=data.workflow_run_id,
         )
+        log.info("heartbeat")

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import logging
 import traceback
 from typing import Any
 
@@ -15,8 +14,9 @@ from litestar.types import ExceptionHandlersMap
 
 from jobs_app import errors
 from jobs_app.http.schemas import ErrorBody
+from jobs_app.observability import get_logger
 
-log = logging.getLogger("jobs_app.http")
+log = get_logger("jobs_app.http")
 
 STATUS_BY_ERROR: dict[type[errors.DomainError], int] = {
     errors.BadRequestError: 400,
@@ -58,7 +58,9 @@ def domain_error_handler(_: Request[Any, Any, Any], exc: Exception) -> Response[
     assert isinstance(exc, errors.DomainError)
     status = next((code for cls, code in STATUS_BY_ERROR.items() if isinstance(exc, cls)), 400)
     if status == 503:
-        log.warning("database unavailable: %s", exc.__cause__ or exc)
+        log.warning("database unavailable", error=str(exc.__cause__ or exc))
+    else:  # a refusal the client caused; with a job's fields when the route bound them
+        log.info("request refused", status=status, error=type(exc).__name__, detail=exc.message)
     return _error(
         status, exc.message, exc.extra, headers={"Retry-After": "1"} if status == 503 else None
     )
@@ -93,7 +95,9 @@ def undecodable_body_handler(
 def unexpected_error_handler(
     request: Request[Any, Any, Any], exc: Exception
 ) -> Response[ErrorBody]:
-    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    # The route template, not the path: a path can hold ids, never a query string.
+    route = request.scope.get("path_template") or "unmatched"
+    log.error("unhandled error", method=request.method, route=route, exc_info=exc)
     return _error(HTTP_500_INTERNAL_SERVER_ERROR, "internal server error")
 
 

@@ -26,6 +26,15 @@ from jobs_app.http.schemas import (
     User,
 )
 from jobs_app.lifecycle import Actor, JobStatus
+from jobs_app.observability import bind_job, get_logger
+
+log = get_logger("jobs_app.jobs")
+
+
+def _log_enqueued(job: Job, created: bool) -> None:
+    """The first line of a job's story (or a replay of it), with its fields bound."""
+    bind_job(job.id, job.attempt, stripe_event_id=job.stripe_event_id)
+    log.info("job enqueued" if created else "job enqueue replayed", status=job.status)
 
 
 class _DashboardController(Controller):
@@ -90,6 +99,7 @@ class JobController(_DashboardController):
             region=data.region,
             actor=Actor.API,
         )
+        _log_enqueued(result.job, result.created)
         return Response(result.job, status_code=HTTP_201_CREATED if result.created else HTTP_200_OK)
 
     @get(responses=error_responses(400, 401))
@@ -136,4 +146,7 @@ class JobController(_DashboardController):
     async def retry_job(self, job_id: FromPath[UUID]) -> Job:
         """Re-queue a failed job as its next attempt (409 if not failed, retries
         exhausted, or the user has another job in flight)."""
-        return await queue.retry_job(job_id, actor=Actor.API)
+        job = await queue.retry_job(job_id, actor=Actor.API)
+        bind_job(job.id, job.attempt)
+        log.info("job retried", status=job.status)
+        return job

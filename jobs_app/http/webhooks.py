@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 from uuid import UUID
 
@@ -17,8 +16,9 @@ from jobs_app.http.auth import settings_of
 from jobs_app.http.errors import error_responses
 from jobs_app.http.schemas import Region, StripeEventId, WebhookResult
 from jobs_app.lifecycle import Actor
+from jobs_app.observability import bind_job, get_logger
 
-log = logging.getLogger("jobs_app.webhooks")
+log = get_logger("jobs_app.webhooks")
 
 CHECKOUT_COMPLETED = "checkout.session.completed"
 
@@ -45,7 +45,7 @@ class _Metadata(msgspec.Struct):
 def _reject(reason: str, detail: str, event_id: str) -> errors.InvalidReferenceError:
     """A validly signed event we cannot act on: 422, logged and counted, so it stays
     visible as a failing delivery in Stripe's dashboard."""
-    log.error("stripe event %s refused (%s): %s", event_id, reason, detail)
+    log.error("stripe event refused", stripe_event_id=event_id, reason=reason, detail=detail)
     metrics.WEBHOOK_REJECTED.labels(reason).inc()
     return errors.InvalidReferenceError(detail, event_id=event_id)
 
@@ -80,6 +80,7 @@ async def stripe_webhook(request: Request[Any, Any, Any]) -> WebhookResult:
         raise HTTPException("invalid Stripe event: nested too deeply", status_code=400) from None
 
     if event.type != CHECKOUT_COMPLETED:
+        log.info("stripe event ignored", stripe_event_id=event.id, type=event.type)
         return WebhookResult(received=True, ignored=True)
     try:
         meta = msgspec.convert(event.data.object.get("metadata") or {}, type=_Metadata)
@@ -95,4 +96,6 @@ async def stripe_webhook(request: Request[Any, Any, Any]) -> WebhookResult:
         )
     except (errors.NotFoundError, errors.InvalidReferenceError) as exc:
         raise _reject("unknown_reference", exc.message, event.id) from None
+    bind_job(result.job.id, result.job.attempt, stripe_event_id=event.id)
+    log.info("job enqueued" if result.created else "job enqueue replayed", status=result.job.status)
     return WebhookResult(received=True, job_id=result.job.id, created=result.created)

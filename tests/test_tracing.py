@@ -1,0 +1,172 @@
+"""Traces, with an in-memory exporter: a signed callback is an HTTP span with its SQL
+span as a child; a round span parents the HTTP client calls made inside it; the
+trace id is on the log lines written inside a span."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import threading
+from collections.abc import AsyncIterator, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import httpx
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from jobs_app import observability, queue, sweeper
+from jobs_app.observability import tracing
+from tests.http_helpers import callback
+
+
+@pytest.fixture
+def spans() -> Iterator[InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    assert observability.configure_tracing(provider) is provider
+    try:
+        yield exporter
+    finally:
+        observability.shutdown_tracing()
+
+
+@pytest.fixture
+async def traced_client(spans: InMemorySpanExporter, database: str) -> AsyncIterator[Any]:
+    """The app in this process, built while tracing is on (so with Litestar's plugin)."""
+    from jobs_app.http.app import create_app
+
+    app = create_app(run_sweeper=False)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        yield client
+
+
+@pytest.fixture
+def log_lines() -> Iterator[io.StringIO]:
+    """What the app logs, through its own formatter (JSON), into a buffer."""
+    root = logging.getLogger()
+    handler = logging.StreamHandler(io.StringIO())
+    handler.setFormatter(root.handlers[0].formatter)
+    root.addHandler(handler)
+    try:
+        yield handler.stream
+    finally:
+        root.removeHandler(handler)
+
+
+def _sql(spans: list[ReadableSpan]) -> list[ReadableSpan]:
+    return [s for s in spans if (s.attributes or {}).get("db.system") == "postgresql"]
+
+
+async def test_a_signed_callback_is_an_http_span_with_its_sql_as_children(
+    spans, traced_client, log_lines, user_agent
+):
+    user_id, agent_id = user_agent
+    job = (
+        await queue.enqueue_provisioning_job(
+            agent_id=agent_id, user_id=user_id, stripe_event_id="evt_traced"
+        )
+    ).job
+    spans.clear()
+    started = {"attempt": 1, "status": "provisioning", "workflow_run_id": "run-1"}
+    r = await callback(traced_client, job.id, "status", started)
+    assert r.status_code == 200, r.text
+
+    finished = spans.get_finished_spans()
+    servers = [s for s in finished if s.kind == trace.SpanKind.SERVER]
+    assert len(servers) == 1, [s.name for s in finished]
+    server = servers[0]
+    assert server.attributes is not None
+    assert server.attributes["http.route"] == "/api/callbacks/jobs/{job_id}/status"
+    assert server.attributes["http.status_code"] == 200
+    statements = _sql(finished)
+    assert statements, [s.name for s in finished]
+    for statement in statements:  # the transition's one statement, in the request's span
+        assert statement.parent is not None
+        assert statement.parent.span_id == server.context.span_id
+        assert statement.context.trace_id == server.context.trace_id
+        # Parameters (ids, error texts) are not recorded.
+        assert not any(k.startswith("db.statement.parameters") for k in statement.attributes or {})
+
+    # The request's log line carries its trace.
+    lines = [json.loads(line) for line in log_lines.getvalue().splitlines()]
+    reported = [r for r in lines if r["event"] == "status reported"]
+    assert len(reported) == 1
+    assert reported[0]["trace_id"] == trace.format_trace_id(server.context.trace_id)
+    assert reported[0]["job_id"] == str(job.id)
+
+
+class _Ok(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, *args: Any) -> None:
+        """Quiet."""
+
+
+@pytest.fixture
+def loopback_server() -> Iterator[str]:
+    """A real HTTP server on loopback (a stand-in for GitHub's API)."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Ok)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        thread.join(timeout=5)
+
+
+async def test_a_round_span_parents_the_http_calls_made_in_it(spans, loopback_server):
+    async with httpx.AsyncClient() as client:
+        with observability.round_span("dispatch.round", replica="r1") as round_:
+            assert round_ is not None
+            assert tracing.current_trace_ids()["span_id"] == trace.format_span_id(
+                round_.get_span_context().span_id
+            )
+            assert (await client.get(f"{loopback_server}/repos/x/dispatches")).status_code == 200
+    finished = spans.get_finished_spans()
+    rounds = [s for s in finished if s.name == "dispatch.round"]
+    clients = [s for s in finished if s.kind == trace.SpanKind.CLIENT]
+    assert len(rounds) == 1 and len(clients) == 1, [s.name for s in finished]
+    assert clients[0].parent is not None
+    assert clients[0].parent.span_id == rounds[0].context.span_id
+    assert (clients[0].attributes or {}).get("http.status_code", 200) == 200
+    assert (rounds[0].attributes or {})["replica"] == "r1"
+    # Outside any span, log lines carry no trace.
+    assert tracing.current_trace_ids() == {}
+
+
+async def test_a_sweeper_round_is_one_span_with_its_statement(spans, database):
+    spans.clear()
+    await sweeper.sweep_once()
+    finished = spans.get_finished_spans()
+    rounds = [s for s in finished if s.name == "sweeper.round"]
+    assert len(rounds) == 1, [s.name for s in finished]
+    statements = _sql(finished)
+    assert statements
+    assert all(
+        s.parent is not None and s.parent.span_id == rounds[0].context.span_id for s in statements
+    )
+
+
+def test_tracing_is_off_unless_the_standard_variables_ask_for_it():
+    assert not tracing.wanted({})
+    assert tracing.wanted({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"})
+    assert tracing.wanted({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c:4318/v1/traces"})
+    assert tracing.wanted({"OTEL_TRACES_EXPORTER": "otlp"})
+    assert not tracing.wanted({"OTEL_TRACES_EXPORTER": "none"})
+    endpoint = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}
+    assert not tracing.wanted({**endpoint, "OTEL_SDK_DISABLED": "true"})
+    # Off: round spans cost nothing and yield no span.
+    with observability.round_span("sweeper.round") as span:
+        assert span is None
