@@ -22,7 +22,7 @@ RAW_MIGRATION_ID = "2026-11-28T15:47:22:780809"
 HOT_MIGRATION_ID = "2026-11-28T16:49:37:971669"
 JOBS_APP_MIGRATIONS = {"2026-11-28T15:47:21:951867", RAW_MIGRATION_ID, HOT_MIGRATION_ID}
 TABLES = {"users", "agents", "provisioning_jobs", "job_events"}
-TIMEOUT = 60
+TIMEOUT = 180
 TRIGGER_COUNT = (
     "SELECT count(*) FROM pg_trigger WHERE tgname = 'provisioning_jobs_guard_transition'"
 )
