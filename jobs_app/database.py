@@ -49,7 +49,7 @@ def _warn_about_legacy_data(data_dir: Path, new_url: str) -> None:
         "To carry the data over, start the old server and print its URL (pip install pgserver; "
         "python -c \"import pgserver; print(pgserver.get_server('%s', cleanup_mode=None)"
         '.get_uri())"), then: %s/pg_dump -Fc -f jobs.dump -d OLD_URL && '
-        "%s/pg_restore --no-owner -d '%s' jobs.dump. Delete %s when done.",
+        "%s/pg_restore --clean --if-exists --no-owner -d '%s' jobs.dump. Delete %s when done.",
         legacy,
         (legacy / "PG_VERSION").read_text().strip(),
         data_dir / EMBEDDED_PGDATA,
