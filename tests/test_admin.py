@@ -189,7 +189,7 @@ async def test_operator_account_made_with_the_piccolo_cli_can_log_in(
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
-    output, _ = await asyncio.wait_for(process.communicate(), timeout=60)
+    output, _ = await asyncio.wait_for(process.communicate(), timeout=120)
     assert process.returncode == 0, output.decode()
     assert (await log_in(anon, username)).status_code == 200
     assert (await anon.get("/admin/api/user/")).json()["username"] == username

@@ -36,9 +36,9 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-SERVER_START_SECONDS = 60
-BROWSER_SECONDS = 120
-STEP_MS = 15_000
+SERVER_START_SECONDS = 120
+BROWSER_SECONDS = 300
+STEP_MS = 30_000
 PASSWORD = "correct-horse-battery-staple"
 
 

@@ -37,7 +37,7 @@ TABLES = {
     "dispatch_tries",
     "run_cancellations",
 }
-TIMEOUT = 60
+TIMEOUT = 180
 TRIGGER_COUNT = (
     "SELECT count(*) FROM pg_trigger WHERE tgname = 'provisioning_jobs_guard_transition'"
 )

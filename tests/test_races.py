@@ -205,11 +205,11 @@ async def test_same_event_enqueued_from_separate_processes(db) -> None:
     try:
         for child in children:
             assert child.stdout is not None
-            ready.append(await asyncio.wait_for(child.stdout.readline(), 30))
+            ready.append(await asyncio.wait_for(child.stdout.readline(), 120))
     finally:
         # Open the gate: every child that got there starts its calls now.
         await db.execute("SELECT pg_advisory_unlock($1)", gate_key)
-    results = [await asyncio.wait_for(child.communicate(), 30) for child in children]
+    results = [await asyncio.wait_for(child.communicate(), 120) for child in children]
     assert ready == [b"ready\n"] * processes, results
     assert [child.returncode for child in children] == [0] * processes, results
     outcomes = [o for stdout, _ in results for o in json.loads(stdout)]
