@@ -108,6 +108,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             raise SettingsError(f"JOBS_PUBLIC_URL must be an http(s) URL, got {self.public_url!r}")
         if kind != "github":
             return self
+        if self.dispatch_lease_seconds < 3 * self.github_timeout_seconds:
+            # A lease must outlive the requests made under it (a dispatch, or a lookup
+            # and a record), or another process takes over a dispatch still in flight.
+            raise SettingsError(
+                "DISPATCH_LEASE_SECONDS must be at least 3 x JOBS_GITHUB_TIMEOUT_SECONDS "
+                f"({self.dispatch_lease_seconds:g} < 3 x {self.github_timeout_seconds:g})"
+            )
         for value, name in (
             (self.github_repository, "JOBS_GITHUB_REPOSITORY"),
             (self.github_workflow, "JOBS_GITHUB_WORKFLOW"),

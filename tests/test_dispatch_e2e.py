@@ -19,6 +19,7 @@ import asyncpg
 import httpx
 import pytest
 
+from jobs_app import queue
 from tests.conftest import API_HEADERS, CALLBACK_SECRET, LoggedServer, free_port, record_figure
 from tests.github_standin import Fault, FaultKind, GitHubStandIn, RunnerConfig
 from tests.http_helpers import make_job, stripe_event, stripe_headers
@@ -224,59 +225,87 @@ async def test_a_process_killed_mid_dispatch_loses_nothing(
     start_logged_server: Callable[..., Any],
     start_github_standin: Callable[..., GitHubStandIn],
 ) -> None:
-    """SIGKILL while its requests are in flight: the other process takes each dispatch
-    over once its lease expires, reconciles first, and no job gets a second run."""
-    lease, interval = 3.0, 0.2
+    """SIGKILL while its requests are in flight: another process takes each dispatch over
+    once its lease expires (not before), reconciles first, and no job gets a second run."""
+    lease, interval, timeout = 15.0, 0.2, 5.0
     standin = start_github_standin(runner=runner())
-    # The first requests hang (past the client's timeout): half after creating the run.
+    # The first requests hang past the kill: half of them after creating their run, which
+    # starts only after the lease has expired (else its callback would bind it first).
     standin.faults.push(
-        "dispatch", Fault(FaultKind.CREATED_HOLD, hold=30), Fault(FaultKind.HOLD, hold=30), count=3
+        "dispatch",
+        Fault(FaultKind.CREATED_HOLD, hold=60, start_delay=lease + 5),
+        Fault(FaultKind.HOLD, hold=60),
+        count=3,
     )
     env = {
         "DISPATCH_LEASE_SECONDS": str(lease),
         "DISPATCH_INTERVAL_SECONDS": str(interval),
-        "JOBS_GITHUB_TIMEOUT_SECONDS": "20",
+        "JOBS_GITHUB_TIMEOUT_SECONDS": str(timeout),
     }
-    a, b = await asyncio.gather(
-        start_logged_server(1, **github_env(standin, free_port(), **env)),
-        start_logged_server(1, **github_env(standin, free_port(), **env)),
-    )
-    async with httpx.AsyncClient(base_url=a.url, headers=API_HEADERS, timeout=30) as api:
-        jobs = [await make_job(api) for _ in range(6)]
+    # Six queued jobs before the victim starts: its first round claims them all at once.
+    jobs = [
+        {"id": str(job.id)}
+        for user_id, agent_id in await seed_users(db, 6)
+        for job in [
+            (
+                await queue.enqueue_provisioning_job(
+                    agent_id=agent_id, user_id=user_id, stripe_event_id=f"evt_{uuid.uuid4().hex}"
+                )
+            ).job
+        ]
+    ]
+    # The workflow calls back through one public URL (a load balancer in production):
+    # here the survivor's, so runs the victim started report to it.
+    survivor_port = free_port()
+    public = {"JOBS_PUBLIC_URL": f"http://127.0.0.1:{survivor_port}"}
+    victim = await start_logged_server(1, **github_env(standin, free_port(), **env, **public))
     await wait_for("6 requests in flight", lambda: len(standin.records("dispatch")) >= 6, 30)
-
-    owners = await db.fetch("SELECT id, lease_owner FROM dispatches")
-    assert len(owners) == 6 and all(o["lease_owner"] for o in owners)
-    pids = {int(o["lease_owner"].split(":")[1]) for o in owners}
-    victim = a if a.proc.pid in pids else b
-    survivor = b if victim is a else a
-    victims = {o["id"] for o in owners if int(o["lease_owner"].split(":")[1]) == victim.proc.pid}
     victim.proc.kill()
     victim.proc.wait()
     killed_at = await db.fetchval("SELECT now()")
+    claimed = await db.fetch("SELECT id, lease_owner, lease_expires_at FROM dispatches")
+    assert len(claimed) == 6
+    assert {o["lease_owner"].split(":")[1] for o in claimed} == {str(victim.proc.pid)}
+    # It died mid-dispatch: no outcome of its requests was recorded.
+    assert await db.fetchval("SELECT count(*) FROM dispatch_tries") == 0
+
+    survivor = await start_logged_server(1, **github_env(standin, survivor_port, **env))
 
     async def all_running() -> bool:
         return (await job_states(db)) == {"running": 6}
 
-    await wait_for("every job running", all_running, within=90, every=0.2)
+    try:
+        await wait_for("every job running", all_running, within=120, every=0.2)
+    except AssertionError:
+        rows = await db.fetch("SELECT state, tries, last_error, lease_owner FROM dispatches")
+        tries = await db.fetch("SELECT dispatch_id, kind, outcome, message FROM dispatch_tries")
+        raise AssertionError(
+            ([tuple(r) for r in rows], [tuple(t) for t in tries], survivor.log_text()[-4000:])
+        ) from None
 
     runs = Counter(run.inputs["job_id"] for run in standin.runs())
     assert runs == {job["id"]: 1 for job in jobs}  # none dispatched twice
-    for dispatch_id in victims:
+    for dispatch in claimed:
         tries = await db.fetch(
             "SELECT kind, outcome, created_at FROM dispatch_tries WHERE dispatch_id = $1 "
             "ORDER BY id",
-            dispatch_id,
+            dispatch["id"],
         )
-        # Taken over by the survivor: it looked for the run before anything else.
+        # Taken over only once the lease expired, and the run looked for before anything.
         assert tries[0]["kind"] == "reconcile", tries
+        assert tries[0]["created_at"] >= dispatch["lease_expires_at"]
         delay = (tries[0]["created_at"] - killed_at).total_seconds()
-        assert delay <= lease + interval + 5, delay  # lease + interval, and a bounded slack
+        assert delay <= lease + interval + 10, delay  # lease + interval, and a bounded slack
+    outcomes = Counter(r["state"] for r in await db.fetch("SELECT state FROM dispatches"))
+    # The runs created before the kill were found; the others were dispatched anew.
+    assert outcomes == {"dispatched": 6, "lost": 3}
     record_figure(
         "dispatch: SIGKILL mid-dispatch",
-        dispatches_of_the_killed_process=len(victims),
+        dispatches_of_the_killed_process=len(claimed),
         lease_seconds=lease,
         runs_per_job=sorted(set(runs.values())),
+        found_by_reconciliation=3,
+        dispatched_anew_after_the_grace_period=3,
     )
     assert "Traceback" not in survivor.log_text(), survivor.log_text()[-3000:]
 

@@ -87,6 +87,8 @@ class _OneClientGitHub(GitHub[Any]):
 
     _shared_client: httpx.AsyncClient | None = None
     _client_lock: asyncio.Lock | None = None
+    token_issued: asyncio.Event | None = None
+    """Set when GitHub has issued an installation token to this client."""
 
     @asynccontextmanager
     async def get_async_client(self) -> AsyncIterator[httpx.AsyncClient]:
@@ -95,8 +97,16 @@ class _OneClientGitHub(GitHub[Any]):
                 self._client_lock = asyncio.Lock()
             async with self._client_lock:
                 if self._shared_client is None:
-                    self._shared_client = await self._create_async_client()
+                    client = await self._create_async_client()
+                    client.event_hooks["response"].append(self._note_token)
+                    self._shared_client = client
         yield self._shared_client
+
+    async def _note_token(self, response: httpx.Response) -> None:
+        if response.status_code == 201 and _is_token_request(response.request):
+            if self.token_issued is None:
+                self.token_issued = asyncio.Event()
+            self.token_issued.set()
 
     async def close_shared_client(self) -> None:
         client, self._shared_client = self._shared_client, None
@@ -324,12 +334,31 @@ class GitHubProvisioner:
         if self._token_ready:
             return await self._call_now(call, what, dispatch_id, ok_statuses)
         # Until an installation token is in hand, one call at a time: calls started
-        # together would each ask GitHub for a token of their own.
+        # together would each ask GitHub for a token of their own. The others go on as
+        # soon as the token is issued, not when this call's answer comes (it may hang).
+        first: asyncio.Future[Any] | None = None
         async with self._token_lock:
-            result = await self._call_now(call, what, dispatch_id, ok_statuses)
-            if not isinstance(result, Result) or result.outcome not in _NO_TOKEN_YET:
-                self._token_ready = True
-            return result
+            if not self._token_ready:
+                if self._github.token_issued is None:
+                    self._github.token_issued = asyncio.Event()
+                first = asyncio.ensure_future(self._call_now(call, what, dispatch_id, ok_statuses))
+                issued = asyncio.ensure_future(self._github.token_issued.wait())
+                try:
+                    await asyncio.wait({first, issued}, return_when=asyncio.FIRST_COMPLETED)
+                except asyncio.CancelledError:
+                    first.cancel()
+                    raise
+                finally:
+                    issued.cancel()
+                if self._github.token_issued.is_set():
+                    self._token_ready = True
+                elif first.done():
+                    result = first.result()
+                    if not isinstance(result, Result) or result.outcome not in _NO_TOKEN_YET:
+                        self._token_ready = True
+        if first is None:
+            return await self._call_now(call, what, dispatch_id, ok_statuses)
+        return await first
 
     async def _call_now(
         self,
