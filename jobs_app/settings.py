@@ -41,6 +41,16 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     db_timeout_seconds: float = 10.0
     """Upper bound for acquiring a connection and for one statement."""
     max_body_bytes: int = 1024 * 1024
+    sse_ping_seconds: float = 15.0
+    """A `: ping` comment on a live stream after this long without a message."""
+    sse_max_streams: int = 1000
+    """Open event streams per process; beyond it 429."""
+    sse_max_streams_per_user: int = 10
+    """Open event streams per user per process (a job stream counts for its job's user)."""
+    sse_send_timeout_seconds: float = 30.0
+    """A stream whose client takes no data for this long is cut off (it resumes later)."""
+    cors_origins: tuple[str, ...] = ()
+    """Browser origins allowed to open event streams (CORS); none by default."""
 
     def require_secrets(self) -> Settings:
         """Settings with every secret present: generated in dev mode, else an error naming them."""
@@ -107,6 +117,17 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         pool_min_size=int(_env_number(e, "DB_POOL_MIN_SIZE", d.pool_min_size)),
         pool_max_size=int(_env_number(e, "DB_POOL_MAX_SIZE", d.pool_max_size)),
         db_timeout_seconds=_env_number(e, "DB_TIMEOUT_SECONDS", d.db_timeout_seconds),
+        sse_ping_seconds=_env_number(e, "SSE_PING_SECONDS", d.sse_ping_seconds, minimum=0.1),
+        sse_max_streams=int(_env_number(e, "SSE_MAX_STREAMS", d.sse_max_streams, minimum=0)),
+        sse_max_streams_per_user=int(
+            _env_number(e, "SSE_MAX_STREAMS_PER_USER", d.sse_max_streams_per_user, minimum=0)
+        ),
+        sse_send_timeout_seconds=_env_number(
+            e, "SSE_SEND_TIMEOUT_SECONDS", d.sse_send_timeout_seconds, minimum=0.1
+        ),
+        cors_origins=tuple(
+            o.strip() for o in e.get("JOBS_CORS_ORIGINS", "").split(",") if o.strip()
+        ),
     )
 
 

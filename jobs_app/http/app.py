@@ -1,5 +1,5 @@
 """The Litestar application: routes, the one exception map, and the lifespan
-(connection pool, sweeper)."""
+(connection pool, sweeper, live updates)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,12 @@ from jobs_app.http.errors import EXCEPTION_HANDLERS
 from jobs_app.http.jobs import AgentController, JobController, UserController
 from jobs_app.http.ops import health, prometheus_metrics
 from jobs_app.http.webhooks import stripe_webhook
+from jobs_app.live.streams import (
+    cors_config,
+    install_log_filters,
+    live_route_handlers,
+    live_updates,
+)
 from jobs_app.metrics import MetricsMiddleware
 from jobs_app.settings import Settings, get_settings
 
@@ -30,13 +36,14 @@ def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) ->
     settings = (settings or get_settings()).require_secrets()
 
     @contextlib.asynccontextmanager
-    async def lifespan(_: Litestar) -> AsyncIterator[None]:
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
         await database.start_pool(settings)
         task = None
         if run_sweeper:
             task = asyncio.create_task(sweeper.run_forever(settings.sweep_interval_seconds))
         try:
-            yield
+            async with live_updates(app, settings):
+                yield
         finally:
             if task is not None:
                 task.cancel()
@@ -54,7 +61,9 @@ def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) ->
             health,
             prometheus_metrics,
             *admin_route_handlers(settings),
+            *live_route_handlers(),
         ],
+        cors_config=cors_config(settings),
         lifespan=[lifespan],
         exception_handlers=EXCEPTION_HANDLERS,
         middleware=[MetricsMiddleware],
@@ -73,4 +82,5 @@ def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) ->
         debug=False,
     )
     app.state.settings = settings
+    install_log_filters()
     return app
