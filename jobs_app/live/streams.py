@@ -57,7 +57,7 @@ from litestar.exceptions import (
     TooManyRequestsException,
 )
 from litestar.openapi import ResponseSpec
-from litestar.params import FromPath, JSONBody, Parameter, QueryParameter
+from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 from litestar.response.base import ASGIResponse
 from litestar.status_codes import HTTP_201_CREATED
 from litestar.types import Receive, Scope, Send
@@ -428,7 +428,9 @@ _LastEventIdQuery = Annotated[
 ]
 _LastEventIdHeader = Annotated[
     str | None,
-    Parameter(header="Last-Event-ID", required=False, max_length=20, description="Resume after"),
+    HeaderParameter(
+        name="Last-Event-ID", required=False, max_length=20, description="Resume after this id"
+    ),
 ]
 _STREAM_RESPONSES = {
     200: ResponseSpec(None, description=_STREAM_DESCRIPTION, media_type="text/event-stream"),
