@@ -69,7 +69,7 @@ from jobs_app.http.auth import require_api_token, settings_of
 from jobs_app.http.errors import error_responses
 from jobs_app.live import queries
 from jobs_app.live.listener import Listener, Subscription
-from jobs_app.settings import Settings
+from jobs_app.settings import Settings, SettingsError
 
 __all__ = [
     "TOKEN_TTL_SECONDS",
@@ -543,6 +543,8 @@ def cors_config(settings: Settings) -> CORSConfig | None:
     """Exactly the configured origins may read streams from a browser; no credentials."""
     if not settings.cors_origins:
         return None
+    if "*" in settings.cors_origins:
+        raise SettingsError("JOBS_CORS_ORIGINS lists origins; a wildcard is not allowed")
     return CORSConfig(
         allow_origins=list(settings.cors_origins),
         allow_methods=["GET"],
