@@ -20,7 +20,14 @@ ROOT = Path(__file__).resolve().parent.parent
 MIGRATIONS_DIR = ROOT / "piccolo_migrations"
 RAW_MIGRATION_ID = "2026-11-28T15:47:22:780809"
 HOT_MIGRATION_ID = "2026-11-28T16:49:37:971669"
-JOBS_APP_MIGRATIONS = {"2026-11-28T15:47:21:951867", RAW_MIGRATION_ID, HOT_MIGRATION_ID}
+NOTIFY_MIGRATION_ID = "2026-11-28T19:29:45:710321"
+JOBS_APP_MIGRATIONS = {
+    "2026-11-28T15:47:21:951867",
+    RAW_MIGRATION_ID,
+    HOT_MIGRATION_ID,
+    NOTIFY_MIGRATION_ID,
+}
+NOTIFY_TRIGGER_COUNT = "SELECT count(*) FROM pg_trigger WHERE tgname = 'job_events_notify'"
 TABLES = {"users", "agents", "provisioning_jobs", "job_events"}
 TIMEOUT = 60
 TRIGGER_COUNT = (
@@ -163,7 +170,10 @@ async def test_forwards_on_empty_database_builds_the_full_schema(empty_database,
     } <= index_names
     [partial] = [i[1] for i in built["indexes"] if i[0] == "provisioning_jobs_one_active_per_user"]
     assert "UNIQUE" in partial and "WHERE" in partial
-    assert {t[0] for t in built["triggers"]} == {"provisioning_jobs_guard_transition"}
+    assert {t[0] for t in built["triggers"]} == {
+        "provisioning_jobs_guard_transition",
+        "job_events_notify",
+    }
     jobs_app_rows = {name for app, name in await applied(empty_database) if app == "jobs_app"}
     assert jobs_app_rows == JOBS_APP_MIGRATIONS
 
@@ -215,6 +225,8 @@ async def test_backwards_undoes_the_raw_migration_and_forwards_restores_it(
         )
         assert RAW_MIGRATION_ID in output
         assert HOT_MIGRATION_ID in output
+        assert NOTIFY_MIGRATION_ID in output
+        assert not await conn.fetchval(NOTIFY_TRIGGER_COUNT)
         assert await conn.fetchval(reloptions) is None
         for index in ("provisioning_jobs_one_active_per_user", "provisioning_jobs_agent_newest"):
             assert not await has_index(conn, index)
@@ -232,12 +244,17 @@ async def test_backwards_undoes_the_raw_migration_and_forwards_restores_it(
             await conn.fetchval("SELECT attempt FROM provisioning_jobs WHERE id = $1", job_id) == 2
         )
         remaining = {name for app, name in await applied(empty_database) if app == "jobs_app"}
-        assert remaining == JOBS_APP_MIGRATIONS - {RAW_MIGRATION_ID, HOT_MIGRATION_ID}
+        assert remaining == JOBS_APP_MIGRATIONS - {
+            RAW_MIGRATION_ID,
+            HOT_MIGRATION_ID,
+            NOTIFY_MIGRATION_ID,
+        }
 
         await piccolo("migrations", "forwards", "jobs_app", url=empty_database)
         assert await has_index(conn, "provisioning_jobs_one_active_per_user")
         assert await conn.fetchval(reloptions) == ["fillfactor=80"]
         assert await conn.fetchval(TRIGGER_COUNT) == 1
+        assert await conn.fetchval(NOTIFY_TRIGGER_COUNT) == 1
         generated = await conn.fetchval(
             "SELECT is_generated FROM information_schema.columns "
             "WHERE table_name = 'provisioning_jobs' AND column_name = 'attempt'"
