@@ -450,8 +450,9 @@ async def test_a_client_that_never_reads_is_cut_off_and_others_are_not(
     await wait_metric(api, live_server.url, 0)
 
 
-async def test_sigterm_ends_open_streams_at_once(database: str) -> None:
-    server = LoggedServer(database, 1)
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_sigterm_ends_open_streams_at_once(database: str, workers: int) -> None:
+    server = LoggedServer(database, workers)
     try:
         await server.wait_ready()
         async with httpx.AsyncClient(base_url=server.url, headers=API_HEADERS, timeout=20) as c:
