@@ -474,3 +474,70 @@ async def test_sigterm_ends_open_streams_at_once(database: str, workers: int) ->
     finally:
         server.stop()
     assert "Traceback" not in server.log_text(), server.log_text()[-3000:]
+
+
+async def test_listener_observers_see_every_notification_and_reconnects(
+    db: asyncpg.Connection, user_agent: tuple[uuid.UUID, uuid.UUID], database: str
+) -> None:
+    """The hook the dispatcher uses: `queued` when a job enters queued; after the
+    listener's connection is killed, a `reconnected` notification, then live ones again."""
+    from jobs_app import queue
+    from jobs_app.live.listener import Listener, Notification
+
+    listener = Listener(database, health_interval=0.5, backoff_initial=0.05)
+    seen: list[Notification] = []
+    changed = asyncio.Event()
+
+    def observe(notification: Notification) -> None:
+        seen.append(notification)
+        changed.set()
+
+    async def until(predicate: Any) -> None:
+        async with asyncio.timeout(20):
+            while not predicate():
+                changed.clear()
+                await changed.wait()
+
+    remove = listener.add_observer(observe)
+    subscription = listener.subscribe(job_id=uuid.uuid4())
+    await listener.start()
+    try:
+        await until(lambda: any(n.reconnected for n in seen))  # listening
+        user_id, agent_id = user_agent
+        job = (
+            await queue.enqueue_provisioning_job(
+                agent_id=agent_id, user_id=user_id, stripe_event_id="evt_obs"
+            )
+        ).job
+        await until(lambda: any(n.jobs == [job.id] for n in seen))
+        enqueued = next(n for n in seen if n.jobs == [job.id])
+        assert enqueued.queued and enqueued.users == [user_id]
+        assert enqueued.first == enqueued.last
+        subscription.wake.clear()
+        await queue.update_job_status(job.id, status="provisioning", attempt=1)
+        await until(lambda: sum(1 for n in seen if n.jobs == [job.id]) == 2)
+        assert not seen[-1].queued
+        assert not subscription.wake.is_set()  # another job's stream is not woken
+
+        before = len(seen)
+        assert await db.fetchval("SELECT pg_terminate_backend($1)", listener.backend_pid)
+        await until(lambda: any(n.reconnected for n in seen[before:]))
+        assert subscription.wake.is_set()  # after a reconnect every stream re-reads
+        assert listener.connections == 2
+        await queue.update_job_status(job.id, status="running", attempt=1)
+        await until(lambda: sum(1 for n in seen if n.jobs == [job.id]) == 3)
+        remove()
+        count = len(seen)
+        still: list[Notification] = []
+        listener.add_observer(lambda n: (still.append(n), changed.set()))
+        await db.execute(
+            "INSERT INTO job_events (job_id, to_status, attempt, actor)"
+            " VALUES ($1, 'running', 1, 'system')",
+            job.id,
+        )
+        await until(lambda: len(still) == 1)
+        assert len(seen) == count  # the removed observer is not called any more
+    finally:
+        await listener.stop()
+    listener.unsubscribe(subscription)
+    assert listener.subscriptions == 0

@@ -110,6 +110,8 @@ class Listener:
         """Set while LISTEN is in effect on a healthy connection."""
         self.connections = 0
         """How many connections have listened so far (1 + reconnects)."""
+        self.backend_pid: int | None = None
+        """The current connection's server process id (diagnostics, tests)."""
 
     # ----------------------------------------------------------------- public API
 
@@ -182,6 +184,7 @@ class Listener:
                 conn.add_termination_listener(lambda _conn, lost=lost: lost.set())
                 await conn.add_listener(CHANNEL, self._on_notify)
                 self.connections += 1
+                self.backend_pid = conn.get_server_pid()
                 self.listening.set()
                 backoff = self._backoff_initial
                 self._inbox.put_nowait(_RECONNECTED)
