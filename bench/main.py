@@ -28,7 +28,7 @@ from bench.context import Context
 from bench.loader import run_loop
 from bench.measure import Budget, rounded
 
-SECTIONS = ("service", "round_trips", "lifecycle", "http", "scale")
+SECTIONS = ("service", "round_trips", "lifecycle", "http", "scale", "live")
 DEFAULT_JSON = Path(__file__).resolve().parent / "results.json"
 
 
@@ -155,6 +155,10 @@ async def _section(name: str, ctx: Context, args: argparse.Namespace) -> dict[st
         from bench.scale import scale
 
         return await scale(ctx)
+    if name == "live":
+        from bench.live import live
+
+        return await live(ctx)
     raise ValueError(name)
 
 

@@ -203,10 +203,41 @@ def _scale(title: str, s: dict[str, Any]) -> list[str]:
     ]
 
 
+def _live(title: str, s: dict[str, Any]) -> list[str]:
+    rows = [
+        [
+            r["operation"],
+            _fmt(r["with_trigger_ops_s"]),
+            _fmt(r["without_trigger_ops_s"]),
+            _fmt(r["ratio"], ".2f"),
+        ]
+        for r in s["trigger"]
+    ]
+    st = s["streams"]
+    return [
+        f"{title}: the NOTIFY trigger on job_events (service layer, interleaved on/off)",
+        *_table(["operation", "with trigger ops/s", "without ops/s", "ratio"], rows),
+        "",
+        f"{st['streams']:,} open streams on one process: {_fmt(st['kib_per_stream'], '.1f')} KiB"
+        f" per stream (RSS {_fmt(st['rss_before_mib'], '.1f')} ->"
+        f" {_fmt(st['rss_after_mib'], '.1f')} MiB)",
+        f"GET /api/jobs/{{id}} p50/p99 ms: no stream {_fmt(st['get_job_idle_p50_ms'], '.2f')}/"
+        f"{_fmt(st['get_job_idle_p99_ms'], '.2f')}, streams open"
+        f" {_fmt(st['get_job_streams_open_p50_ms'], '.2f')}/"
+        f"{_fmt(st['get_job_streams_open_p99_ms'], '.2f')}",
+        f"commit to receipt, one transition per job fanned out to every stream: p50"
+        f" {_fmt(st['delivery_p50_ms'], '.1f')} ms, p99 {_fmt(st['delivery_p99_ms'], '.1f')} ms",
+        f"a client that never reads: cut off after {_fmt(st['stalled_cut_off_after_s'], '.1f')} s;"
+        f" the same job's other streams got all 400 large events in"
+        f" {_fmt(st['others_got_big_history_in_s'], '.1f')} s",
+    ]
+
+
 _SECTIONS = [
     ("service", "1. Service layer vs raw asyncpg", _service),
     ("round_trips", "2. Round trips", _round_trips),
     ("lifecycle", "3. Full lifecycle vs commit limit", _lifecycle),
     ("http", "4. HTTP: jobs-app serve vs bare Litestar", _http),
     ("scale", "5. Scale", _scale),
+    ("live", "6. Live updates", _live),
 ]

@@ -65,6 +65,16 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """Dispatches one process works on at once."""
     access_log: bool = False
     """One structured access line per request (`jobs-app serve --access-log`)."""
+    sse_ping_seconds: float = 15.0
+    """A `: ping` comment on a live stream after this long without a message."""
+    sse_max_streams: int = 1000
+    """Open event streams per process; beyond it 429."""
+    sse_max_streams_per_user: int = 10
+    """Open event streams per user per process (a job stream counts for its job's user)."""
+    sse_send_timeout_seconds: float = 30.0
+    """A stream whose client takes no data for this long is cut off (it resumes later)."""
+    cors_origins: tuple[str, ...] = ()
+    """Browser origins allowed to open event streams (CORS); none by default."""
 
     def require_secrets(self) -> Settings:
         """Settings with every secret present: generated in dev mode, else an error naming them."""
@@ -249,6 +259,17 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         ),
         dispatch_batch=int(_env_number(e, "DISPATCH_BATCH", d.dispatch_batch)),
         access_log=e.get("JOBS_ACCESS_LOG", "").lower() in _TRUE,
+        sse_ping_seconds=_env_number(e, "SSE_PING_SECONDS", d.sse_ping_seconds, minimum=0.1),
+        sse_max_streams=int(_env_number(e, "SSE_MAX_STREAMS", d.sse_max_streams, minimum=0)),
+        sse_max_streams_per_user=int(
+            _env_number(e, "SSE_MAX_STREAMS_PER_USER", d.sse_max_streams_per_user, minimum=0)
+        ),
+        sse_send_timeout_seconds=_env_number(
+            e, "SSE_SEND_TIMEOUT_SECONDS", d.sse_send_timeout_seconds, minimum=0.1
+        ),
+        cors_origins=tuple(
+            o.strip() for o in e.get("JOBS_CORS_ORIGINS", "").split(",") if o.strip()
+        ),
     )
 
 

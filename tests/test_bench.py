@@ -21,7 +21,7 @@ from jobs_app import queue
 from jobs_app.lifecycle import Actor, JobStatus
 
 REPO = Path(__file__).resolve().parent.parent
-SECTIONS = {"service", "round_trips", "lifecycle", "http", "scale"}
+SECTIONS = {"service", "round_trips", "lifecycle", "http", "scale", "live"}
 ONE_ROUND_TRIP = {"enqueue", "claim", "heartbeat", "complete", "fail", "retry"}
 
 
@@ -58,6 +58,11 @@ def test_quick_bench_runs_every_section(tmp_path: Path) -> None:
     assert all(row["service_rps"] > 0 and row["bare_rps"] > 0 for row in sections["http"]["rows"])
     scale = {row["operation"] for row in sections["scale"]["rows"]}
     assert scale == {"enqueue", "get_job_by_agent_id", "heartbeat", "sweep_stale_jobs"}
+    live = sections["live"]
+    assert {r["operation"] for r in live["trigger"]} == {"enqueue", "claim", "complete"}
+    assert all(r["with_trigger_ops_s"] > 0 for r in live["trigger"])
+    assert live["streams"]["streams"] == 50 and live["streams"]["others_complete"]
+    assert live["streams"]["delivery_p99_ms"] > 0
 
 
 # --------------------------------------------------------------------------- plans

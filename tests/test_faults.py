@@ -54,13 +54,16 @@ async def wait_for(condition: Any, within: float, what: str, step: float = 0.05)
 
 
 async def lock_waiters(conn: asyncpg.Connection) -> int:
-    """Sessions of this database waiting for a lock, seen from `conn` (which may be in a
-    transaction: pg_stat_activity is read once per transaction unless told otherwise)."""
+    """Sessions of this database waiting for a row or transaction lock, seen from `conn`
+    (which may be in a transaction: pg_stat_activity is read once per transaction unless
+    told otherwise). Not NOTIFY's lock (an 'object' lock), which notifying commits take
+    in turn, briefly."""
     await conn.execute("SELECT pg_stat_clear_snapshot()")
     return int(
         await conn.fetchval(
             "SELECT count(*) FROM pg_stat_activity"
             " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            " AND wait_event <> 'object'"
         )
     )
 

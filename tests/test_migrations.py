@@ -38,6 +38,8 @@ TABLES = {
     "run_cancellations",
 }
 TIMEOUT = 180
+NOTIFY_MIGRATION_ID = "2026-11-28T19:29:45:710321"
+NOTIFY_TRIGGER_COUNT = "SELECT count(*) FROM pg_trigger WHERE tgname = 'job_events_notify'"
 TRIGGER_COUNT = (
     "SELECT count(*) FROM pg_trigger WHERE tgname = 'provisioning_jobs_guard_transition'"
 )
@@ -181,7 +183,10 @@ async def test_forwards_on_empty_database_builds_the_full_schema(empty_database,
     } <= index_names
     [partial] = [i[1] for i in built["indexes"] if i[0] == "provisioning_jobs_one_active_per_user"]
     assert "UNIQUE" in partial and "WHERE" in partial
-    assert {t[0] for t in built["triggers"]} == {"provisioning_jobs_guard_transition"}
+    assert {t[0] for t in built["triggers"]} == {
+        "provisioning_jobs_guard_transition",
+        "job_events_notify",
+    }
     jobs_app_rows = {name for app, name in await applied(empty_database) if app == "jobs_app"}
     assert jobs_app_rows == JOBS_APP_MIGRATIONS
 
@@ -233,6 +238,8 @@ async def test_backwards_undoes_the_raw_migration_and_forwards_restores_it(
         )
         assert RAW_MIGRATION_ID in output
         assert HOT_MIGRATION_ID in output
+        assert NOTIFY_MIGRATION_ID in output
+        assert not await conn.fetchval(NOTIFY_TRIGGER_COUNT)
         assert await conn.fetchval(reloptions) is None
         for index in ("provisioning_jobs_one_active_per_user", "provisioning_jobs_agent_newest"):
             assert not await has_index(conn, index)
@@ -257,6 +264,7 @@ async def test_backwards_undoes_the_raw_migration_and_forwards_restores_it(
         assert await has_index(conn, "provisioning_jobs_one_active_per_user")
         assert await conn.fetchval(reloptions) == ["fillfactor=80"]
         assert await conn.fetchval(TRIGGER_COUNT) == 1
+        assert await conn.fetchval(NOTIFY_TRIGGER_COUNT) == 1
         generated = await conn.fetchval(
             "SELECT is_generated FROM information_schema.columns "
             "WHERE table_name = 'provisioning_jobs' AND column_name = 'attempt'"

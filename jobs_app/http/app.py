@@ -1,5 +1,5 @@
 """The Litestar application: routes, the one exception map, and the lifespan
-(connection pool, sweeper)."""
+(connection pool, sweeper, live updates)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,12 @@ from jobs_app.http.errors import EXCEPTION_HANDLERS
 from jobs_app.http.jobs import AgentController, JobController, UserController
 from jobs_app.http.ops import health, prometheus_metrics
 from jobs_app.http.webhooks import stripe_webhook
+from jobs_app.live.streams import (
+    cors_config,
+    install_log_filters,
+    live_route_handlers,
+    live_updates,
+)
 from jobs_app.metrics import MetricsMiddleware
 from jobs_app.settings import Settings, get_settings
 
@@ -47,7 +53,11 @@ def create_app(
         if dispatcher is not None:
             dispatcher.start()
         try:
-            yield
+            async with live_updates(app, settings) as live:
+                if dispatcher is not None:
+                    # A job enqueued or retried is dispatched now, not at the next poll.
+                    live.listener.add_observer(lambda n: dispatcher.wake() if n.queued else None)
+                yield
         finally:
             # Shutdown runs after uvicorn has stopped accepting connections and the
             # requests in flight have finished (or serve's graceful timeout passed).
@@ -79,7 +89,9 @@ def create_app(
             health,
             prometheus_metrics,
             *admin_route_handlers(settings),
+            *live_route_handlers(),
         ],
+        cors_config=cors_config(settings),
         lifespan=[lifespan],
         exception_handlers=EXCEPTION_HANDLERS,
         middleware=[MetricsMiddleware, *observability.tracing.litestar_middleware()],
@@ -110,4 +122,5 @@ def create_app(
     app.asgi_handler = observability.RequestContextMiddleware(
         app.asgi_handler, access_log=settings.access_log
     )
+    install_log_filters()
     return app

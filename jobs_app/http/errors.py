@@ -29,10 +29,12 @@ STATUS_BY_ERROR: dict[type[errors.DomainError], int] = {
 _DESCRIPTIONS = {
     400: "Bad input: the body says what was wrong",
     401: "Missing or invalid credentials or signature",
+    403: "The credentials are valid but not for this",
     404: "Not found",
     409: "Conflicts with the job's current state",
     413: "Request body too large",
     422: "Names things that do not belong together",
+    429: "Too many open streams; retry after Retry-After seconds",
     503: "Database unavailable; retry later",
 }
 

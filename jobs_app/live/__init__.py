@@ -1,0 +1,1 @@
+"""Live job updates: the LISTEN connection and the Server-Sent Events streams."""
