@@ -28,7 +28,7 @@ from bench.context import Context
 from bench.loader import run_loop
 from bench.measure import Budget, rounded
 
-SECTIONS = ("service", "round_trips", "lifecycle", "http", "scale", "live")
+SECTIONS = ("service", "round_trips", "lifecycle", "http", "scale", "live", "dispatch")
 DEFAULT_JSON = Path(__file__).resolve().parent / "results.json"
 
 
@@ -159,6 +159,10 @@ async def _section(name: str, ctx: Context, args: argparse.Namespace) -> dict[st
         from bench.live import live
 
         return await live(ctx)
+    if name == "dispatch":
+        from bench.dispatch import dispatch
+
+        return await dispatch(ctx)
     raise ValueError(name)
 
 

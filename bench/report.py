@@ -233,6 +233,20 @@ def _live(title: str, s: dict[str, Any]) -> list[str]:
     ]
 
 
+def _dispatch(title: str, s: dict[str, Any]) -> list[str]:
+    t = s["throughput"]
+    rows = [
+        [r["mode"], str(r["jobs"]), _fmt(r["p50_ms"], ".1f"), _fmt(r["p99_ms"], ".1f")]
+        for r in s["latency"]
+    ]
+    return [
+        f"{title}: one dispatcher, GitHub provisioner → the GitHub stand-in on loopback",
+        f"throughput: {t['jobs']:,} queued jobs dispatched in {_fmt(t['seconds'], '.2f')} s:"
+        f" {_fmt(t['dispatches_per_s'])} dispatches/s",
+        *_table(["wake-up", "jobs", "enqueue→request p50 ms", "p99 ms"], rows),
+    ]
+
+
 _SECTIONS = [
     ("service", "1. Service layer vs raw asyncpg", _service),
     ("round_trips", "2. Round trips", _round_trips),
@@ -240,4 +254,5 @@ _SECTIONS = [
     ("http", "4. HTTP: jobs-app serve vs bare Litestar", _http),
     ("scale", "5. Scale", _scale),
     ("live", "6. Live updates", _live),
+    ("dispatch", "7. Dispatch", _dispatch),
 ]

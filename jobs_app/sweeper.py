@@ -26,7 +26,12 @@ async def sweep_once() -> int:
         if span is not None:
             span.set_attribute("jobs_app.failed_jobs", len(failed))
         for job in failed:
-            with job_context(job.id, job.attempt, workflow_run_id=job.workflow_run_id):
+            with job_context(
+                job.id,
+                job.attempt,
+                dispatch_id=job.dispatch_id,
+                workflow_run_id=job.workflow_run_id,
+            ):
                 log.info("stale job failed", reason=job.failure_reason, error=job.error)
         return len(failed)
 

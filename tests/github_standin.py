@@ -23,7 +23,8 @@ method, path, status answered, dispatch id). Faults are injected per request,
 deterministically: `faults.push(endpoint, Fault(...), ...)` queues faults for the next
 matching requests; `faults.plan(endpoint, rate=..., kinds=[...], seed=...)` faults a
 seeded share of requests (for dispatches the draw depends on the dispatch id only, so it
-is the same whatever order requests arrive in).
+is the same whatever order requests arrive in; the n-th request of one dispatch id draws
+the same, so a dispatch sent again after a rate limit is not limited forever).
 
 The optional runner acts as the workflow: after `start_delay` it calls jobs_app's signed
 callbacks through jobs_app.workflow.callback_client (in this process, or through the
@@ -182,6 +183,12 @@ class Faults:
             if key is None:
                 key = str(self._counters.get(endpoint, 0))
                 self._counters[endpoint] = int(key) + 1
+            else:
+                # The same dispatch sent again (after a rate limit, say) draws anew: the
+                # n-th request of a dispatch id always draws the same.
+                seen = self._counters.get(f"{endpoint}:{key}", 0)
+                self._counters[f"{endpoint}:{key}"] = seen + 1
+                key = f"{key}:{seen}"
             draw = random.Random(f"{seed}:{endpoint}:{key}")
             if kinds and draw.random() < rate:
                 return draw.choice(kinds)

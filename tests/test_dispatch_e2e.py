@@ -428,6 +428,52 @@ async def test_on_github_enterprise_server_the_run_id_comes_from_the_first_callb
     assert item["workflow_run_id"] == done["workflow_run_id"] == str(run.id)
 
 
+# --------------------------------------------------------------------------- logs
+
+
+async def test_a_jobs_whole_story_is_in_the_json_logs_by_job_id_alone(
+    db: asyncpg.Connection,
+    start_logged_server: Callable[..., Any],
+    start_github_standin: Callable[..., GitHubStandIn],
+) -> None:
+    """Webhook → dispatch → callbacks → running, pulled out of a real serve's JSON lines
+    by job_id alone; the dispatch lines carry the dispatch and the run; no secret."""
+    standin = start_github_standin(runner=runner(heartbeats=1))
+    server = await start_logged_server(1, **github_env(standin, free_port()))
+    [(user_id, agent_id)] = await seed_users(db, 1)
+    body = stripe_event(user_id, agent_id)
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+        hook = await client.post("/webhooks/stripe", content=body, headers=stripe_headers(body))
+        job_id = hook.json()["job_id"]
+
+        async def running() -> bool:
+            got = await client.get(f"/api/jobs/{job_id}", headers=API_HEADERS)
+            return bool(got.json()["status"] == "running")
+
+        await wait_for("the job running", running, within=60)
+    [run] = standin.runs()
+    server.stop()
+
+    story = [r for r in server.json_lines() if r.get("job_id") == job_id]
+    told = [r["event"] for r in story if r["logger"] != "jobs_app.access"]
+    assert told == [
+        "job enqueued",
+        "workflow dispatched",
+        "status reported",
+        "heartbeat",
+        "status reported",
+    ], told
+    [dispatched] = [r for r in story if r["event"] == "workflow dispatched"]
+    assert dispatched["workflow_run_id"] == str(run.id)
+    assert dispatched["dispatch_id"] == run.dispatch_id and dispatched["attempt"] == 1
+    assert all(r["dispatch_id"] == run.dispatch_id for r in story if r["event"] != "job enqueued")
+    text = server.log_text()
+    tokens = list(standin._tokens)  # the installation tokens it issued to the server
+    assert tokens
+    for secret in (standin.private_key.splitlines()[1], *tokens, CALLBACK_SECRET):
+        assert secret not in text
+
+
 # --------------------------------------------------------------------------- simulated
 
 

@@ -170,3 +170,47 @@ def test_tracing_is_off_unless_the_standard_variables_ask_for_it():
     # Off: round spans cost nothing and yield no span.
     with observability.round_span("sweeper.round") as span:
         assert span is None
+
+
+async def test_one_dispatch_is_a_github_request_span_under_the_dispatchers(
+    spans, db, user_agent, start_github_standin
+):
+    """The dispatcher's round span parents the dispatch's span, which parents the HTTP
+    client spans of its GitHub calls (the installation token and the dispatch POST)."""
+    import msgspec
+
+    from jobs_app.dispatch.dispatcher import Dispatcher
+    from jobs_app.dispatch.github import GitHubProvisioner
+    from jobs_app.settings import get_settings
+
+    standin = start_github_standin()
+    user_id, agent_id = user_agent
+    await queue.enqueue_provisioning_job(
+        agent_id=agent_id, user_id=user_id, stripe_event_id="evt_traced"
+    )
+    provisioner = GitHubProvisioner(
+        api_url=standin.url,
+        repository=standin.repository,
+        workflow="provision.yml",
+        app_id=standin.app_id,
+        private_key=standin.private_key,
+        installation_id=standin.installation_id,
+    )
+    settings = msgspec.structs.replace(get_settings(), public_url="http://jobs.example")
+    dispatcher = Dispatcher(provisioner, settings)
+    spans.clear()
+    try:
+        assert await dispatcher.run_once() == 1
+        await dispatcher.drain()
+    finally:
+        await provisioner.aclose()
+    finished = spans.get_finished_spans()
+    by_id = {s.context.span_id: s for s in finished}
+    [round_] = [s for s in finished if s.name == "dispatch.round"]
+    [request] = [s for s in finished if s.name == "dispatch.request"]
+    assert request.parent is not None and request.parent.span_id == round_.context.span_id
+    clients = [s for s in finished if s.kind == trace.SpanKind.CLIENT]
+    assert len(clients) == 2, [s.name for s in finished]  # the token, the dispatch
+    for span in clients:
+        assert span.parent is not None and by_id[span.parent.span_id] is request
+    assert (request.attributes or {})["job_id"]

@@ -285,14 +285,20 @@ class Dispatcher:
         """Rate limited or misconfigured: not this job's fault. Pause this process's
         dispatching (with exponential backoff), and keep the dispatch for later."""
         s = self.settings
-        self._setbacks += 1
+        if time.monotonic() >= self._paused_until:
+            # The first setback since the last pause ended: the claims of one round
+            # answered together count once, so a burst doesn't jump to the longest pause.
+            self._setbacks += 1
         backoff = full_jitter(
             s.dispatch_backoff_base_seconds, s.dispatch_backoff_max_seconds, self._setbacks - 1
         )
         if result.outcome == Outcome.RATE_LIMITED:
-            pause = (result.retry_after or 60.0) + (backoff if self._setbacks > 1 else 0.0)
-            reason = f"rate limited by GitHub (retry after {result.retry_after or 60:.0f}s)"
-            log.warning("dispatching paused: rate limited", pause=round(pause, 1))
+            wait = result.retry_after or 60.0
+            # Until `retry-after` has passed, then exponentially longer while limits go on.
+            pause = wait + (backoff if self._setbacks > 1 else 0.0)
+            reason = f"rate limited by GitHub (retry after {wait:.0f}s)"
+            if result.status_code is not None:  # not for the requests the gate held back
+                log.warning("dispatching paused: rate limited", pause=round(pause, 1))
         else:
             pause = max(backoff, s.dispatch_backoff_base_seconds)
             reason = f"misconfigured: {_describe(result).message}"
@@ -306,10 +312,11 @@ class Dispatcher:
         await dispatches.record_again_later(claim.dispatch_id, self.owner, kind, result, pause)
 
     def _pause(self, seconds: float, reason: str, kind: str) -> None:
-        until = time.monotonic() + seconds
-        if until > self._paused_until:
-            self._paused_until, self._pause_reason = until, reason
-        metrics.DISPATCH_PAUSES.labels(kind).inc()
+        now = time.monotonic()
+        if now >= self._paused_until:  # a pause begins (not one extended)
+            metrics.DISPATCH_PAUSES.labels(kind).inc()
+        if now + seconds > self._paused_until:
+            self._paused_until, self._pause_reason = now + seconds, reason
 
     # ------------------------------------------------------------------ cancellations
 
