@@ -185,8 +185,14 @@ def _scale(title: str, s: dict[str, Any]) -> list[str]:
         ]
         for r in s["rows"]
     ]
+    plan = s.get("claim_plan", {}).get("large", {})
+    claim = (
+        f"dispatch claim at {large} jobs reads {', '.join(plan.get('indexes', []))}"
+        f"{' (and scans the jobs table!)' if plan.get('seq_scan_on_jobs') else ''}"
+    )
     return [
         head,
+        claim,
         *_table(
             [
                 "operation (ms)",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import io
 import itertools
+import json
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -26,7 +27,7 @@ import asyncpg
 from bench import dbs, seed
 from bench.context import Context
 from bench.measure import median, paired_ratio, percentile
-from jobs_app import database, queue
+from jobs_app import database, dispatches, queue
 
 SCALE_TARGET = 1.5
 SMALL = 1_000
@@ -41,6 +42,7 @@ async def scale(ctx: Context) -> dict[str, Any]:
     urls: dict[str, str] = {}
     populations: dict[str, seed.Population] = {}
     seconds: dict[str, float] = {}
+    plans: dict[str, dict[str, Any]] = {}
     try:
         for name, jobs_count in sizes.items():
             urls[name] = await dbs.create(ctx.server_url, f"{dbs.name_of(ctx.url)}_{name}")
@@ -57,9 +59,11 @@ async def scale(ctx: Context) -> dict[str, Any]:
                 )
                 seconds[name] = time.perf_counter() - started
                 count = await conn.fetchval("SELECT count(*) FROM provisioning_jobs")
+                plans[name] = await _claim_plan(conn)
             finally:
                 await conn.close()
             print(f"  seeded {count:,} jobs in {seconds[name]:.1f} s", flush=True)
+            print(f"  the dispatch claim reads {plans[name]}", flush=True)
 
         # timings[size][operation]: one list of call durations per round
         timings: dict[str, dict[str, list[list[float]]]] = {
@@ -112,8 +116,28 @@ async def scale(ctx: Context) -> dict[str, Any]:
         "large_jobs": ctx.scale_rows,
         "in_flight": IN_FLIGHT,
         "seed_seconds": seconds,
+        "claim_plan": plans,
         "target": SCALE_TARGET,
         "rows": rows,
+    }
+
+
+async def _claim_plan(conn: asyncpg.Connection) -> dict[str, Any]:
+    """Which indexes the dispatcher's claim reads, and whether it scans the jobs table."""
+    statement = dispatches._CLAIM
+    values = {"owner": "bench", "provisioner": "github", "lease": 60.0, "batch": 20}
+    raw = await conn.fetchval("EXPLAIN (FORMAT JSON) " + statement.sql, *statement.args(values))
+    nodes, todo = [], [json.loads(raw)[0]["Plan"]]
+    while todo:
+        node = todo.pop()
+        nodes.append(node)
+        todo.extend(node.get("Plans", []))
+    return {
+        "indexes": sorted({n["Index Name"] for n in nodes if "Index Name" in n}),
+        "seq_scan_on_jobs": any(
+            n["Node Type"] == "Seq Scan" and n.get("Relation Name") == "provisioning_jobs"
+            for n in nodes
+        ),
     }
 
 

@@ -17,11 +17,11 @@ from typing import Any
 import asyncpg
 
 from bench import seed
-from jobs_app import queue
+from jobs_app import dispatches, queue
 from jobs_app.lifecycle import Actor, JobStatus
 
 REPO = Path(__file__).resolve().parent.parent
-SECTIONS = {"service", "round_trips", "lifecycle", "http", "scale", "live"}
+SECTIONS = {"service", "round_trips", "lifecycle", "http", "scale", "live", "dispatch"}
 ONE_ROUND_TRIP = {"enqueue", "claim", "heartbeat", "complete", "fail", "retry"}
 
 
@@ -58,6 +58,11 @@ def test_quick_bench_runs_every_section(tmp_path: Path) -> None:
     assert all(row["service_rps"] > 0 and row["bare_rps"] > 0 for row in sections["http"]["rows"])
     scale = {row["operation"] for row in sections["scale"]["rows"]}
     assert scale == {"enqueue", "get_job_by_agent_id", "heartbeat", "sweep_stale_jobs"}
+    plan = sections["scale"]["claim_plan"]["large"]
+    assert "provisioning_jobs_in_flight" in plan["indexes"] and not plan["seq_scan_on_jobs"]
+    dispatch = sections["dispatch"]
+    assert dispatch["throughput"]["dispatches_per_s"] > 0
+    assert [r["mode"] for r in dispatch["latency"]] == ["notifications", "polling (1 s)"]
     live = sections["live"]
     assert {r["operation"] for r in live["trigger"]} == {"enqueue", "claim", "complete"}
     assert all(r["with_trigger_ops_s"] > 0 for r in live["trigger"])
@@ -130,6 +135,12 @@ async def test_hot_statements_use_their_indexes(db: asyncpg.Connection) -> None:
             "user_newest",
         ),
         ("sweep", queue._SWEEP, {"batch": 1000, **timeouts}, "in_flight"),
+        (
+            "dispatch claim",
+            dispatches._CLAIM,
+            {"owner": "bench", "provisioner": "github", "lease": 60.0, "batch": 20},
+            "in_flight",
+        ),
     ]
     for name, statement, values, index in cases:
         nodes = await _explain(db, statement, **values)
