@@ -148,6 +148,12 @@ def _dispatch_requests(standin: GitHubStandIn) -> list[_Sent]:
 
 
 async def dispatch(ctx: Context) -> dict[str, Any]:
+    # Earlier sections leave queued jobs behind: out of the way, so only ours are dispatched.
+    await ctx.conn.execute(
+        "UPDATE provisioning_jobs SET status = 'failed', failure_reason = 'operator', "
+        "error = 'bench: cleared before the dispatch section', completed_at = now() "
+        "WHERE status = 'queued'"
+    )
     standin = GitHubStandIn().start()
     try:
         return {
