@@ -26,12 +26,11 @@ from jobs_app.lifecycle import (
     JobStatus,
 )
 from jobs_app.models import Dispatch, DispatchTry, Job
-from jobs_app.queue import JOB_COLUMNS, _job, _sql_list
+from jobs_app.queue import J_COLUMNS, JOB_COLUMNS, _job, _sql_list
 from jobs_app.sql import Statement, fetch, fetchrow
 
 _LIVE = _sql_list(LIVE_DISPATCH_STATES)
 _WORKING = _sql_list(WORKING_DISPATCH_STATES)
-_J_COLUMNS = ", ".join(f"j.{c}" for c in Job.__struct_fields__)
 
 
 class Claim(msgspec.Struct, frozen=True):
@@ -214,7 +213,7 @@ _RECORD_REJECTED = Statement(
             failure_reason = '{FailureReason.DISPATCH_ERROR}', completed_at = now(),
             updated_at = now()
         FROM locked WHERE j.id = locked.id AND locked.status = 'queued'
-        RETURNING {_J_COLUMNS}, locked.status AS from_status
+        RETURNING {J_COLUMNS}, locked.status AS from_status
     ), event AS (
         INSERT INTO job_events (job_id, from_status, to_status, attempt, actor, reason)
         SELECT id, from_status, status, attempt, 'system', error FROM moved
@@ -326,7 +325,7 @@ _FAIL_PAST_DEADLINE = Statement(
                              AND d.last_error IS NOT NULL
                            ORDER BY d.updated_at DESC LIMIT 1) || ')', '')
         FROM late WHERE j.id = late.id
-        RETURNING {_J_COLUMNS}, late.from_status
+        RETURNING {J_COLUMNS}, late.from_status
     ), event AS (
         INSERT INTO job_events (job_id, from_status, to_status, attempt, actor, reason)
         SELECT id, from_status, status, attempt, 'system', error FROM moved

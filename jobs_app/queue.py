@@ -67,7 +67,9 @@ def _sql_list(values: Sequence[str]) -> str:
 
 
 JOB_COLUMNS = ", ".join(Job.__struct_fields__)
-_J_COLUMNS = ", ".join(f"j.{c}" for c in Job.__struct_fields__)
+"""A job's columns in `Job`'s field order: rows map onto the Struct positionally."""
+J_COLUMNS = ", ".join(f"j.{c}" for c in Job.__struct_fields__)
+"""The same, of the table aliased `j`."""
 _ACTIVE = _sql_list(ACTIVE_STATUSES)
 
 
@@ -218,7 +220,7 @@ def _locked_update(set_clause: str, condition: str, event_reason: str) -> _State
             UPDATE provisioning_jobs AS j SET {set_clause}, updated_at = now()
             FROM locked
             WHERE j.id = locked.id AND {condition}
-            RETURNING {_J_COLUMNS}, locked.status AS from_status
+            RETURNING {J_COLUMNS}, locked.status AS from_status
         ), event AS (
             INSERT INTO job_events (job_id, from_status, to_status, attempt, actor, reason)
             SELECT id, from_status, status, attempt, :actor, {event_reason} FROM moved
@@ -281,7 +283,7 @@ def _transition_statement(to: JobStatus) -> _Statement:
             WHERE j.id = locked.id AND locked.fence_ok
               AND locked.status IN ({_sql_list(rule.sources)})
               AND (CAST(:attempt AS integer) IS NULL OR locked.attempt = :attempt)
-            RETURNING {_J_COLUMNS}, locked.status AS from_status, locked.dispatch_id AS bound_before
+            RETURNING {J_COLUMNS}, locked.status AS from_status, locked.dispatch_id AS bound_before
         ), event AS (
             INSERT INTO job_events (job_id, from_status, to_status, attempt, actor, reason)
             SELECT id, from_status, status, attempt, :actor, {reason} FROM moved
@@ -598,7 +600,7 @@ def _fail_stale(scope: str, limit: str = "") -> str:
         SET status = 'failed', error = stale.error, failure_reason = stale.reason,
             completed_at = now(), updated_at = now()
         FROM stale WHERE j.id = stale.id
-        RETURNING {_J_COLUMNS}, stale.from_status
+        RETURNING {J_COLUMNS}, stale.from_status
     ), event AS (
         INSERT INTO job_events (job_id, from_status, to_status, attempt, actor, reason)
         SELECT id, from_status, status, attempt, 'system', error FROM moved

@@ -13,16 +13,16 @@ commit), so reading `id > last delivered` never skips a row that commits later.
 
 from __future__ import annotations
 
-from datetime import datetime
 from uuid import UUID
 
 import asyncpg
-import msgspec
 
 from jobs_app import errors
-from jobs_app.lifecycle import JobStatus
 from jobs_app.models import Job, JobEvent
-from jobs_app.queue import JOB_COLUMNS, _fetch, _fetchrow, _Statement
+from jobs_app.queue import J_COLUMNS
+from jobs_app.sql import Statement as _Statement
+from jobs_app.sql import fetch as _fetch
+from jobs_app.sql import fetchrow as _fetchrow
 
 __all__ = [
     "StreamEvent",
@@ -32,22 +32,13 @@ __all__ = [
     "user_events_after",
 ]
 
-_J_COLUMNS = ", ".join(f"j.{c}" for c in JOB_COLUMNS.split(", "))
 _E_COLUMNS = ", ".join(f"e.{c}" for c in JobEvent.__struct_fields__)
 _EVENT_FIELDS = len(JobEvent.__struct_fields__)
 
 
-class StreamEvent(msgspec.Struct):
+class StreamEvent(JobEvent):
     """One `transition` message: the event, and the job as it is when it is sent."""
 
-    id: int
-    job_id: UUID
-    from_status: JobStatus | None
-    to_status: JobStatus
-    attempt: int
-    actor: str
-    reason: str | None
-    created_at: datetime
     job: Job
 
 
@@ -73,12 +64,12 @@ _OPEN_USER = _Statement(
        FROM users u WHERE u.id = :user_id"""
 )
 _JOB_EVENTS_AFTER = _Statement(
-    f"""SELECT {_E_COLUMNS}, {_J_COLUMNS}
+    f"""SELECT {_E_COLUMNS}, {J_COLUMNS}
         FROM job_events e JOIN provisioning_jobs j ON j.id = e.job_id
         WHERE e.job_id = :job_id AND e.id > :after ORDER BY e.id LIMIT :limit"""
 )
 _USER_EVENTS_AFTER = _Statement(
-    f"""SELECT {_E_COLUMNS}, {_J_COLUMNS}
+    f"""SELECT {_E_COLUMNS}, {J_COLUMNS}
         FROM provisioning_jobs j JOIN job_events e ON e.job_id = j.id
         WHERE j.user_id = :user_id AND e.id > :after ORDER BY e.id LIMIT :limit"""
 )
