@@ -36,7 +36,7 @@ RECONCILE_MARGIN = timedelta(minutes=2)
 """Runs created this long before the dispatch still count (clocks differ)."""
 
 
-class DispatcherHealth(msgspec.Struct):
+class DispatcherHealth(msgspec.Struct, omit_defaults=True):
     """What /health says of this process's dispatcher."""
 
     provisioner: str
