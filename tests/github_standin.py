@@ -903,3 +903,25 @@ def _not_found() -> _Answer:
         404,
         {"message": "Not Found", "documentation_url": "https://docs.github.com/rest"},
     )
+
+
+def github_env(standin: GitHubStandIn, port: int, **over: str) -> dict[str, Any]:
+    """A serve process dispatching to the stand-in as a GitHub App, on `port`."""
+    return {
+        "port": port,
+        "JOBS_PROVISIONER": "github",
+        "JOBS_PUBLIC_URL": f"http://127.0.0.1:{port}",
+        "JOBS_GITHUB_API_URL": standin.url,
+        "JOBS_GITHUB_REPOSITORY": standin.repository,
+        "JOBS_GITHUB_WORKFLOW": "provision.yml",
+        "JOBS_GITHUB_APP_ID": str(standin.app_id),
+        "JOBS_GITHUB_APP_PRIVATE_KEY": standin.private_key,
+        "JOBS_GITHUB_INSTALLATION_ID": str(standin.installation_id),
+        "JOBS_GITHUB_TIMEOUT_SECONDS": "2",
+        "DISPATCH_INTERVAL_SECONDS": "0.2",
+        "DISPATCH_RECONCILE_GRACE_SECONDS": "2",
+        "DISPATCH_BACKOFF_BASE_SECONDS": "0.2",
+        "DISPATCH_BACKOFF_MAX_SECONDS": "1",
+        "SWEEP_INTERVAL_SECONDS": "1",
+        **over,
+    }

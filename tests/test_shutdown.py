@@ -8,6 +8,9 @@ against the other replica and counted (every request here is idempotent: an enqu
 names its event, a callback repeats to the same answer). At each SIGTERM one request is
 certainly in flight (blocked on its job's row by this test): it must be answered.
 Afterwards every acknowledged request is in the database, with exact counts.
+
+Both replicas also dispatch (to a GitHub stand-in on loopback): each stopped replica gives
+its dispatch leases back before it exits, so no job waits for a lease to expire.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ import httpx
 
 from jobs_app import queue
 from jobs_app.http.auth import sign
-from tests.conftest import API_HEADERS, CALLBACK_SECRET, LoggedServer, record_figure
+from tests.conftest import API_HEADERS, CALLBACK_SECRET, LoggedServer, free_port, record_figure
+from tests.github_standin import github_env
 
 WORKERS = 12
 BOUND = 60.0  # seconds any wait below may take before the test fails
@@ -114,6 +118,7 @@ async def _restart_with_one_in_flight(
     start_logged_server: Any,
     db: asyncpg.Connection,
     pinned_job: Any,
+    env: dict[str, Any],
 ) -> tuple[LoggedServer, float]:
     """SIGTERM replica `index` while one of its requests is certainly in flight; the
     request is answered, the process exits, the new replica takes its place."""
@@ -145,6 +150,12 @@ async def _restart_with_one_in_flight(
     # A clean shutdown: uvicorn re-raises the SIGTERM it handled, so the exit says so.
     assert returncode == -signal.SIGTERM, server.log_text()[-3000:]
     assert "Application shutdown complete." in server.log_text()
+    # It gave its dispatch leases back: nothing of it is left to expire.
+    held = await db.fetchval(
+        "SELECT count(*) FROM dispatches WHERE split_part(lease_owner, ':', 2) = $1",
+        str(server.proc.pid),
+    )
+    assert held == 0
     # While it is gone, the workers' requests to it are refused and go to the other.
     refused_before = fleet.refused
 
@@ -152,16 +163,25 @@ async def _restart_with_one_in_flight(
         return fleet.refused > refused_before
 
     await _until(some_refused, "a request refused by the stopped replica")
-    replacement = await start_logged_server(1, **ENV)
+    replacement = await start_logged_server(1, **github_env_for(env))
     fleet.urls[index] = replacement.url
     return replacement, time.monotonic() - stopped
 
 
+def github_env_for(env: dict[str, Any]) -> dict[str, Any]:
+    """The same replica settings on a new port (each serves its own callbacks' URL)."""
+    return {**env, "port": free_port(), "JOBS_PUBLIC_URL": env["JOBS_PUBLIC_URL"]}
+
+
 async def test_rolling_restart_of_two_replicas_loses_no_acknowledged_request(
-    start_logged_server, db
+    start_logged_server, start_github_standin, db
 ):
-    first = await start_logged_server(1, **ENV)
-    second = await start_logged_server(1, **ENV)
+    # Dispatching to a stand-in whose runs never call back: the test's workers drive the
+    # workflows themselves; the dispatchers' leases are what the restarts must not strand.
+    standin = start_github_standin(runner=None)
+    env = {**github_env(standin, free_port(), DISPATCH_LEASE_SECONDS="60"), **ENV}
+    first = await start_logged_server(1, **github_env_for(env))
+    second = await start_logged_server(1, **github_env_for(env))
     # One job per restart, provisioning, whose heartbeat the test pins in flight.
     pinned = []
     for _ in range(2):
@@ -199,7 +219,7 @@ async def test_rolling_restart_of_two_replicas_loses_no_acknowledged_request(
             for index in range(2):
                 await _until(progressing, "load on the fleet")
                 old[index], downtime = await _restart_with_one_in_flight(
-                    fleet, index, old[index], start_logged_server, db, pinned[index]
+                    fleet, index, old[index], start_logged_server, db, pinned[index], env
                 )
                 downtimes.append(downtime)
             # Load on the new fleet too, then stop taking new workflows.
@@ -248,6 +268,8 @@ async def test_rolling_restart_of_two_replicas_loses_no_acknowledged_request(
             "shutting down",
             "shut down",
         ]
+        assert "dispatcher stopped" in text
+    assert standin.records("dispatch")  # the replicas did dispatch meanwhile
     record_figure(
         "rolling_restart",
         replicas=2,
