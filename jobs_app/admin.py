@@ -158,6 +158,7 @@ def table_configs() -> list[TableConfig]:
                 job.attempt,
                 job.retry_count,
                 job.workflow_run_id,
+                job.dispatch_id,
                 job.error,
                 job.failed_step,
                 job.last_heartbeat_at,
