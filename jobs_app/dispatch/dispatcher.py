@@ -91,13 +91,14 @@ class Dispatcher:
         interval = self.settings.dispatch_interval_seconds
         log.info("dispatcher started", provisioner=self.provisioner.name, owner=self.owner)
         while not self._stopping:
+            # Cleared before the round: a job queued during it wakes the next one at once.
+            self._wake.clear()
             try:
                 await self.run_once()
             except DatabaseUnavailableError:
                 log.warning("dispatch round skipped: database unavailable")
             except Exception:  # the next round tries again
                 log.exception("dispatch round failed")
-            self._wake.clear()
             # Jitter keeps replicas started together from polling in lockstep.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), interval * random.uniform(0.8, 1.2))
