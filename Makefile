@@ -19,8 +19,9 @@ install-dev: $(BIN)/python
 
 # Serve on http://127.0.0.1:8000 (API, /admin/, /schema). Without DATABASE_URL it starts an
 # embedded PostgreSQL under .jobs_app/; without secrets, dev mode generates and prints them.
+# SERVE_ARGS="--port 8001 --workers 2" make run passes options to `jobs-app serve`.
 run: install
-	JOBS_DEV_MODE=$${JOBS_DEV_MODE:-1} $(BIN)/jobs-app serve
+	JOBS_DEV_MODE=$${JOBS_DEV_MODE:-1} $(BIN)/jobs-app serve $(SERVE_ARGS)
 
 # pytest exits 5 when it collected no tests: say so, and fail.
 test: install-dev

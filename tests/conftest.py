@@ -9,6 +9,7 @@ wrapping transaction, so constraint errors and real commits behave as in product
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import subprocess
 import sys
@@ -24,6 +25,8 @@ from jobs_app.settings import load_settings
 
 
 def with_database(url: str, name: str) -> str:
+    """The same server's URL for database `name`: the one place a test builds a URL
+    (the embedded server's URL names its socket folder in the query, not the path)."""
     parts = urlsplit(url)
     return urlunsplit(parts._replace(path=f"/{name}"))
 
@@ -114,12 +117,24 @@ async def gather_outcomes(coros: list) -> list:  # type: ignore[type-arg]
 # --------------------------------------------------------------------------- HTTP
 
 
+# Ports for the servers tests start: below the kernel's ephemeral range (32768-60999 on
+# Linux), so no outgoing connection can take one between the test choosing it and the
+# server binding it; each call gets the next one (this process's own block of ports).
+_PORTS = itertools.count(20000 + (os.getpid() % 400) * 25)
+
+
 def free_port() -> int:
+    """A loopback port no one listens on, never handed out twice by this process."""
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    for port in _PORTS:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # something else listens there: take the next one
+            return port
+    raise AssertionError("unreachable")
 
 
 @pytest.fixture

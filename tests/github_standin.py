@@ -26,10 +26,15 @@ seeded share of requests (for dispatches the draw depends on the dispatch id onl
 is the same whatever order requests arrive in; the n-th request of one dispatch id draws
 the same, so a dispatch sent again after a rate limit is not limited forever).
 
-The optional runner acts as the workflow: after `start_delay` it calls jobs_app's signed
-callbacks through jobs_app.workflow.callback_client (in this process, or through the
-real `jobs-app callback` CLI with `use_cli=True`): `provisioning`, heartbeats, then
-`running`, stopping at the first 409. Each run records what its callbacks got.
+The optional runner acts as the workflow (deploy/github/provision.yml) does: after
+`start_delay` it calls jobs_app's signed callbacks through jobs_app.workflow.callback_client
+(in this process, or through the real `jobs-app callback` CLI with `use_cli=True`):
+`provisioning`, heartbeats, then `running`. A 409 stops the run at once; a heartbeat that
+fails otherwise does not (the workflow goes on provisioning without it); a provisioning
+report that fails otherwise makes the run report `failed`, as the workflow's always-run
+last step does. Each run has an HTTP client of its own, as each runner machine has (one
+client shared by hundreds of runs would be a bottleneck no real workflow has). Each run
+records what its callbacks got.
 
 The server runs on its own thread and event loop: the code under test never shares a
 loop with it, as with the real GitHub.
@@ -222,6 +227,9 @@ class CallbackRecord:
     http_status: int | None
     exit_code: int
     reason: str | None = None
+    detail: str = ""
+    """The answer's `detail`, or what went wrong on the wire."""
+    tries: int = 1
 
 
 @dataclass
@@ -333,7 +341,6 @@ class GitHubStandIn:
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._runner_tasks: dict[int, asyncio.Task[Any]] = {}
-        self._http: httpx.AsyncClient | None = None
         self.port = 0
 
     # ------------------------------------------------------------------ life
@@ -390,7 +397,6 @@ class GitHubStandIn:
         self.stop()
 
     async def _open(self) -> None:
-        self._http = httpx.AsyncClient(timeout=self.runner.timeout if self.runner else 10.0)
         self._server = await asyncio.start_server(self._connection, "127.0.0.1", 0, backlog=1024)
         self.port = self._server.sockets[0].getsockname()[1]
 
@@ -401,8 +407,6 @@ class GitHubStandIn:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if self._http is not None:
-            await self._http.aclose()
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
@@ -818,28 +822,47 @@ class GitHubStandIn:
                 return
             run.started = True
             run.status = "in_progress"
-            steps: list[tuple[str, str | None]] = [("status", "provisioning")]
-            steps += [("heartbeat", None)] * config.heartbeats
-            steps.append(("status", config.final_status))
-            for index, (kind, status) in enumerate(steps):
-                if index:
-                    await asyncio.sleep(config.interval)
-                record = await self._callback(run, config, kind, status)
-                run.callbacks.append(record)
-                if record.exit_code == callback_client.EXIT_STOP:
-                    run.stopped_by_409 = True
-                    break
-                if record.exit_code != callback_client.EXIT_OK:
-                    break
+            async with httpx.AsyncClient(timeout=config.timeout) as http:
+                ok = await self._provision(run, config, http)
             if not run.cancelled:
                 run.status = "completed"
-                ok = run.callbacks and run.callbacks[-1].exit_code == callback_client.EXIT_OK
-                run.conclusion = "success" if ok and not run.stopped_by_409 else "failure"
+                run.conclusion = "success" if ok else "failure"
         finally:
             run.runner_done = True
 
+    async def _provision(self, run: Run, config: RunnerConfig, http: httpx.AsyncClient) -> bool:
+        """The workflow's steps; whether the run succeeded."""
+
+        async def report(kind: str, status: str | None = None) -> CallbackRecord:
+            record = await self._callback(run, config, http, kind, status)
+            run.callbacks.append(record)
+            if record.exit_code == callback_client.EXIT_STOP:
+                run.stopped_by_409 = True
+            return record
+
+        started = await report("status", "provisioning")
+        if run.stopped_by_409:
+            return False
+        if started.exit_code == callback_client.EXIT_OK:
+            for _ in range(config.heartbeats):
+                await asyncio.sleep(config.interval)
+                await report("heartbeat")  # another error: provisioning goes on without it
+                if run.stopped_by_409:
+                    return False
+            await asyncio.sleep(config.interval)
+            final = config.final_status
+        else:
+            final = "failed"  # the workflow's last step reports the failed run
+        last = await report("status", final)
+        return final == "running" and last.exit_code == callback_client.EXIT_OK
+
     async def _callback(
-        self, run: Run, config: RunnerConfig, kind: str, status: str | None
+        self,
+        run: Run,
+        config: RunnerConfig,
+        http: httpx.AsyncClient,
+        kind: str,
+        status: str | None,
     ) -> CallbackRecord:
         inputs = run.inputs
         common = {
@@ -874,11 +897,10 @@ class GitHubStandIn:
             _, err = await proc.communicate()
             code = proc.returncode if proc.returncode is not None else 1
             return CallbackRecord(kind, status, None, code, err.decode(errors="replace")[-300:])
-        assert self._http is not None
         if kind == "status":
             assert status is not None
             result = await callback_client.send_status(
-                self._http,
+                http,
                 inputs["callback_url"],
                 config.secret,
                 status=status,
@@ -888,14 +910,22 @@ class GitHubStandIn:
             )
         else:
             result = await callback_client.send_heartbeat(
-                self._http,
+                http,
                 inputs["callback_url"],
                 config.secret,
                 retries=config.retries,
                 backoff=0.1,
                 **common,
             )
-        return CallbackRecord(kind, status, result.status_code, result.exit_code, result.reason)
+        return CallbackRecord(
+            kind,
+            status,
+            result.status_code,
+            result.exit_code,
+            result.reason,
+            result.detail[:300],
+            result.tries,
+        )
 
 
 def _not_found() -> _Answer:

@@ -11,7 +11,6 @@ import contextlib
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import uuid
@@ -24,6 +23,7 @@ import pytest
 
 from jobs_app import queue
 from jobs_app.lifecycle import JobStatus
+from tests.conftest import free_port
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -40,12 +40,6 @@ SERVER_START_SECONDS = 120
 BROWSER_SECONDS = 300
 STEP_MS = 30_000
 PASSWORD = "correct-horse-battery-staple"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def serve_command(port: int) -> list[str]:

@@ -116,7 +116,21 @@ async def test_500_paid_checkouts_across_4_processes_with_20_percent_faults(
     async def all_running() -> bool:
         return (await job_states(db)) == {"running": n}
 
-    await wait_for("every job running", all_running, within=240, every=0.5)
+    try:
+        await wait_for("every job running", all_running, within=240, every=0.5)
+    except AssertionError:
+        # Say where the runs stopped: what each run's last callback got.
+        stops = Counter(
+            (c.kind, c.status, c.http_status, c.reason, c.detail[:120])
+            for run in standin.runs()
+            for c in run.callbacks[-1:]
+            if c.exit_code != 0
+        )
+        silent = sum(1 for run in standin.runs() if not run.callbacks)
+        raise AssertionError(
+            f"not every job running: {dict(await job_states(db))}; runs never called back: "
+            f"{silent}; failed last callbacks: {stops.most_common(10)}"
+        ) from None
     elapsed = time.monotonic() - started
 
     jobs = {r["id"]: r for r in await db.fetch("SELECT * FROM provisioning_jobs")}

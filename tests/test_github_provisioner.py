@@ -1,7 +1,7 @@
 """The GitHub provisioner against the GitHub stand-in, a real HTTP server on loopback.
 
 No database here: the provisioner never touches it. Each test gets a stand-in of its
-own (its own port, so its own process-wide rate-limit gate).
+own; each provisioner has its own rate-limit gate, so no test inherits another's limit.
 """
 
 from __future__ import annotations
@@ -429,12 +429,6 @@ async def test_after_a_rate_limit_no_request_reaches_github_until_retry_after(
 
     limited = await provisioner.dispatch(request())
     assert limited.outcome is Outcome.RATE_LIMITED and limited.retry_after == 2
-    # Another provisioner of this process, for the same GitHub, waits too (process-wide).
-    other = GitHubProvisioner(
-        api_url=github_standin.url, repository=github_standin.repository,
-        workflow="provision.yml", token="whatever", timeout=2.0,
-    )  # fmt: skip
-    provisioners.append(other)
 
     held: list[Any] = []
     deadline = time.monotonic() + 10
@@ -448,11 +442,10 @@ async def test_after_a_rate_limit_no_request_reaches_github_until_retry_after(
         if result.retry_after > 0.5:  # well before the gate opens: none of these is sent
             held.append(await provisioner.find_run(uuid.uuid4(), datetime.now(UTC)))
             held.append(await provisioner.cancel_run("1"))
-            held.append(await other.dispatch(request()))
         assert time.monotonic() < deadline
         await asyncio.sleep(0.05)  # polling with a bound
 
-    assert len(held) >= 4 and all(r.outcome is Outcome.RATE_LIMITED for r in held)
+    assert len(held) >= 3 and all(r.outcome is Outcome.RATE_LIMITED for r in held)
     records = github_standin.records()
     limited_at = next(i for i, r in enumerate(records) if r.fault is kind)
     after = records[limited_at + 1 :]
@@ -462,3 +455,23 @@ async def test_after_a_rate_limit_no_request_reaches_github_until_retry_after(
     answered = records[limited_at].answered
     assert answered is not None
     assert after[0].received - answered >= 2.0
+
+
+async def test_the_gate_belongs_to_its_provisioner_and_ends_with_it(
+    github_standin: GitHubStandIn,
+    make: Callable[..., GitHubProvisioner],
+) -> None:
+    """A limit learnt by one provisioner never holds back another on the same API URL (a
+    process's next provisioner, or a later test's on a reused port)."""
+    limited = make(github_standin)
+    assert (await limited.dispatch(request())).outcome is Outcome.OK  # token fetched
+    github_standin.faults.push("dispatch", Fault(FaultKind.RATE_LIMIT_429, retry_after=60))
+    assert (await limited.dispatch(request())).outcome is Outcome.RATE_LIMITED
+    assert limited.gate.remaining() > 50
+    await limited.aclose()
+
+    fresh = make(github_standin)
+    assert fresh.gate.remaining() == 0
+    result = await fresh.dispatch(request())
+    assert result.outcome is Outcome.OK, result
+    assert github_standin.records("dispatch")[-1].status == 200

@@ -273,13 +273,11 @@ async def test_the_listener_killed_while_transitions_are_made_loses_nothing(
 ) -> None:
     jobs = [await make_job(api) for _ in range(4)]
     readers = [SSEReader(api, f"/api/jobs/{j['id']}/events/stream") for j in jobs]
-    name = database.rsplit("/", 1)[-1]
 
     async def listener_pids() -> list[int]:
         rows = await db.fetch(
             "SELECT pid FROM pg_stat_activity"
-            " WHERE application_name = 'jobs_app_listener' AND datname = $1",
-            name,
+            " WHERE application_name = 'jobs_app_listener' AND datname = current_database()"
         )
         return [r["pid"] for r in rows]
 

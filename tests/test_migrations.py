@@ -9,12 +9,12 @@ import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
 
 from jobs_app.database import MIGRATION_LOCK_KEY
+from tests.conftest import with_database
 
 ROOT = Path(__file__).resolve().parent.parent
 MIGRATIONS_DIR = ROOT / "piccolo_migrations"
@@ -46,8 +46,7 @@ TRIGGER_COUNT = (
 
 
 def url_for(name: str) -> str:
-    parts = urlsplit(os.environ["DATABASE_URL"])
-    return urlunsplit(parts._replace(path=f"/{name}"))
+    return with_database(os.environ["DATABASE_URL"], name)
 
 
 @pytest.fixture

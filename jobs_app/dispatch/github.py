@@ -17,9 +17,11 @@ raises for what GitHub or the network did. Things githubkit does that matter her
   cache strategy until one minute before GitHub's `expires_at` (the JWT for eight
   minutes); each provisioner gets a cache of its own.
 
-Rate limits: from the moment a rate-limited answer arrives, this process starts no
-request to that GitHub API until the wait is over (calls meanwhile return RATE_LIMITED
-with the time left, without sending). Requests already in flight are not called back.
+Rate limits: from the moment a rate-limited answer arrives, the provisioner starts no
+request to GitHub until the wait is over (calls meanwhile return RATE_LIMITED with the
+time left, without sending). Requests already in flight are not called back. The gate
+belongs to the provisioner (one per process, made by the dispatcher's factory): it lives
+and dies with it, so nothing outlives the provisioner that learnt the limit.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ _NO_TOKEN_YET = frozenset({Outcome.NOT_SENT, Outcome.MISCONFIGURED, Outcome.RATE
 
 
 class RateLimitGate:
-    """Process-wide: no request to one GitHub API starts before `open_at`."""
+    """No request starts before `open_at`: the provisioner's memory of GitHub's limit."""
 
     def __init__(self) -> None:
         self._open_at = 0.0  # time.monotonic()
@@ -72,14 +74,6 @@ class RateLimitGate:
     def close_for(self, seconds: float) -> None:
         # Only ever pushed later: a shorter limit answered meanwhile doesn't shorten it.
         self._open_at = max(self._open_at, time.monotonic() + seconds)
-
-
-_GATES: dict[str, RateLimitGate] = {}
-
-
-def rate_limit_gate(api_url: str) -> RateLimitGate:
-    """The gate of this process for `api_url` (one per GitHub host or stand-in)."""
-    return _GATES.setdefault(api_url.rstrip("/"), RateLimitGate())
 
 
 class _OneClientGitHub(GitHub[Any]):
@@ -210,7 +204,7 @@ class GitHubProvisioner:
         self.owner, self.repo, self.workflow, self.ref = owner, repo, workflow, ref
         self.api_url = api_url.rstrip("/")
         self.per_page = per_page
-        self.gate = rate_limit_gate(self.api_url)
+        self.gate = RateLimitGate()
         self._token_ready = token is not None  # a fine-grained token needs no exchange
         self._token_lock = asyncio.Lock()
         self._github = _OneClientGitHub(
