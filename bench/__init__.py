@@ -1,7 +1,7 @@
 """Benchmarks for jobs_app: `python -m bench` (see `python -m bench --help`).
 
 Sections, each comparing two sides measured in turns within one run:
-  1. service: jobs_app.queue against the same SQL on a plain asyncpg pool;
+  1. service: jobs_app.services.jobs against the same SQL on a plain asyncpg pool;
   2. round_trips: statements each service call sends, counted on the wire;
   3. lifecycle: enqueue -> provisioning -> 3 heartbeats -> running, against the
      machine's single-row UPDATE commit rate;

@@ -1,7 +1,7 @@
 """The HTTP baseline: a bare Litestar app running the service's own statements.
 
 No guards, no signature check, no metrics middleware, no domain errors: a route
-decodes its input, sends the statement `jobs_app.queue` sends, and answers. Served
+decodes its input, sends the statement `jobs_app.services.jobs` sends, and answers. Served
 by the same server as `jobs-app serve` (uvicorn, uvloop, httptools, 2 workers).
 
     DATABASE_URL=... uvicorn bench.bare_app:app --workers 2 --loop uvloop --http httptools
@@ -20,8 +20,8 @@ import msgspec
 from litestar import Litestar, get, post
 from litestar.exceptions import NotFoundException
 
-from jobs_app import queue
-from jobs_app.settings import load_settings
+from jobs_app.core.settings import load_settings
+from jobs_app.services import jobs
 
 _settings = load_settings()
 _pool: asyncpg.Pool | None = None
@@ -58,7 +58,7 @@ class Heartbeat(msgspec.Struct):
 @post("/api/callbacks/jobs/{job_id:uuid}/heartbeat", status_code=204)
 async def heartbeat(job_id: UUID, data: Heartbeat) -> None:
     assert _pool is not None
-    statement = queue._HEARTBEAT
+    statement = jobs.HEARTBEAT
     await _pool.fetchrow(
         statement.sql,
         *statement.args({"job_id": job_id, "attempt": data.attempt, "dispatch_id": None}),
@@ -68,7 +68,7 @@ async def heartbeat(job_id: UUID, data: Heartbeat) -> None:
 @get("/api/jobs/{job_id:uuid}")
 async def get_job(job_id: UUID) -> dict[str, Any]:
     assert _pool is not None
-    statement = queue._GET_JOB_CHECKED
+    statement = jobs.GET_JOB_CHECKED
     row = await _pool.fetchrow(statement.sql, *statement.args({"job_id": job_id, **_TIMEOUTS}))
     if row is None:
         raise NotFoundException()

@@ -10,7 +10,7 @@ Every exchange with the server that waits for an answer is one round trip:
 The hooks are asyncpg's own: `_get_statement` (every statement passes through it
 and comes back cached or freshly prepared), `_do_execute` (it calls the executor
 that sends the Bind/Execute) and `execute` (its argument-less path sends a simple
-query). `jobs_app.database.start_pool(connection_class=CountingConnection)` puts
+query). `jobs_app.db.connector.start_pool(connection_class=CountingConnection)` puts
 it under the service layer's pool.
 """
 

@@ -22,11 +22,12 @@ import msgspec
 
 from bench.context import Context
 from bench.measure import median, percentile
-from jobs_app import database, queue
-from jobs_app.dispatch.dispatcher import Dispatcher
-from jobs_app.dispatch.github import GitHubProvisioner
-from jobs_app.live.listener import Listener
-from jobs_app.settings import get_settings
+from jobs_app.core.settings import get_settings
+from jobs_app.db import connector
+from jobs_app.loops.dispatcher import Dispatcher
+from jobs_app.loops.listener import Listener
+from jobs_app.loops.provisioners.github import GitHubProvisioner
+from jobs_app.services import jobs
 from tests.github_standin import GitHubStandIn
 
 LATENCY_GAP = 0.05
@@ -48,7 +49,7 @@ async def _users(ctx: Context, n: int) -> list[tuple[uuid.UUID, uuid.UUID]]:
 
 async def _enqueue(pair: tuple[uuid.UUID, uuid.UUID]) -> uuid.UUID:
     user_id, agent_id = pair
-    result = await queue.enqueue_provisioning_job(
+    result = await jobs.enqueue_provisioning_job(
         agent_id=agent_id, user_id=user_id, stripe_event_id=f"evt_bench_{uuid.uuid4().hex}"
     )
     return result.job.id
@@ -97,7 +98,7 @@ async def latency(ctx: Context, standin: GitHubStandIn, *, notify: bool) -> dict
     )
     provisioner = _provisioner(standin)
     dispatcher = Dispatcher(provisioner, settings)
-    listener = Listener(database.database_url(settings)) if notify else None
+    listener = Listener(connector.database_url(settings)) if notify else None
     if listener is not None:
         await listener.start()
         listener.add_observer(lambda note: dispatcher.wake() if note.queued else None)

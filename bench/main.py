@@ -81,8 +81,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 async def _run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
-    from jobs_app.database import embedded_database_url
-    from jobs_app.settings import get_settings, load_settings
+    from jobs_app.core.settings import get_settings, load_settings
+    from jobs_app.db.connector import embedded_database_url
 
     settings = load_settings()
     server_url = settings.database_url or embedded_database_url(settings)
@@ -90,15 +90,15 @@ async def _run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     # From here on every jobs_app module reads the bench database.
     os.environ["DATABASE_URL"] = url
     get_settings.cache_clear()
-    from jobs_app import database
+    from jobs_app.db import connector
 
-    database.get_engine().config = {"dsn": url}
+    connector.get_engine().config = {"dsn": url}
     results: dict[str, Any] = {"meta": {}, "sections": {}}
     conn: asyncpg.Connection | None = None
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            await database.migrate()
-        await database.start_pool()
+            await connector.migrate()
+        await connector.start_pool()
         conn = await asyncpg.connect(url)
         results["meta"] = await _meta(conn, args, argv)
         ctx = Context(
@@ -129,7 +129,7 @@ async def _run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     finally:
         if conn is not None:
             await conn.close()
-        await database.close_pool()
+        await connector.close_pool()
         await dbs.drop(server_url, dbs.name_of(url))
     return results
 
@@ -173,7 +173,7 @@ def _load() -> str:
 
 
 async def _meta(conn: asyncpg.Connection, args: argparse.Namespace, argv: list[str]) -> dict:
-    from jobs_app.settings import get_settings
+    from jobs_app.core.settings import get_settings
 
     settings = get_settings()
     version = await conn.fetchval("SHOW server_version")

@@ -1,4 +1,4 @@
-"""The operations measured, each twice: through `jobs_app.queue`, and as the same SQL
+"""The operations measured, each twice: through `jobs_app.services.jobs`, and as the same SQL
 text (the service layer's own compiled statements) with the same arguments.
 
 An operation's inputs are dicts of the statement's named values. Single-use
@@ -16,8 +16,8 @@ import asyncpg
 
 from bench import seed
 from bench.context import Context
-from jobs_app import queue
-from jobs_app.lifecycle import Actor, FailureReason, JobStatus
+from jobs_app.core.lifecycle import Actor, FailureReason, JobStatus
+from jobs_app.services import jobs
 
 Values = dict[str, Any]
 Step = tuple[str, list[Any]]  # SQL text and its positional arguments
@@ -53,45 +53,45 @@ _WORKFLOW_RUN = "wf-bench"
 
 
 async def _enqueue(v: Values) -> object:
-    return await queue.enqueue_provisioning_job(
+    return await jobs.enqueue_provisioning_job(
         agent_id=v["agent_id"], user_id=v["user_id"], stripe_event_id=v["stripe_event_id"]
     )
 
 
 async def _claim(v: Values) -> object:
-    return await queue.update_job_status(
+    return await jobs.update_job_status(
         v["job_id"], status=JobStatus.PROVISIONING, attempt=1, workflow_run_id=_WORKFLOW_RUN
     )
 
 
 async def _heartbeat(v: Values) -> object:
-    return await queue.record_heartbeat(v["job_id"], attempt=1)
+    return await jobs.record_heartbeat(v["job_id"], attempt=1)
 
 
 async def _complete(v: Values) -> object:
-    return await queue.update_job_status(v["job_id"], status=JobStatus.RUNNING, attempt=1)
+    return await jobs.update_job_status(v["job_id"], status=JobStatus.RUNNING, attempt=1)
 
 
 async def _fail_retry(v: Values) -> object:
-    await queue.update_job_status(
+    await jobs.update_job_status(
         v["job_id"], status=JobStatus.FAILED, attempt=None, error="bench failure"
     )
-    return await queue.retry_job(v["job_id"])
+    return await jobs.retry_job(v["job_id"])
 
 
 async def _by_agent(v: Values) -> object:
-    return await queue.get_job_by_agent_id(v["agent_id"])
+    return await jobs.get_job_by_agent_id(v["agent_id"])
 
 
 async def _by_stripe(v: Values) -> object:
-    return await queue.get_job_by_stripe_event_id(v["stripe_event_id"])
+    return await jobs.get_job_by_stripe_event_id(v["stripe_event_id"])
 
 
 async def _get_job(v: Values) -> object:
-    return await queue.get_job(v["job_id"])
+    return await jobs.get_job(v["job_id"])
 
 
-_T = queue._TRANSITION_STATEMENTS
+_T = jobs.TRANSITION
 
 OPERATIONS: dict[str, Operation] = {
     op.name: op
@@ -100,7 +100,7 @@ OPERATIONS: dict[str, Operation] = {
             "enqueue",
             True,
             _enqueue,
-            (_step(queue._ENQUEUE, region="us-east", max_retries=3, actor=Actor.API),),
+            (_step(jobs.ENQUEUE, region="us-east", max_retries=3, actor=Actor.API),),
         ),
         Operation(
             "claim",
@@ -117,7 +117,7 @@ OPERATIONS: dict[str, Operation] = {
             ),
         ),
         Operation(
-            "heartbeat", False, _heartbeat, (_step(queue._HEARTBEAT, attempt=1, dispatch_id=None),)
+            "heartbeat", False, _heartbeat, (_step(jobs.HEARTBEAT, attempt=1, dispatch_id=None),)
         ),
         Operation(
             "complete",
@@ -148,13 +148,11 @@ OPERATIONS: dict[str, Operation] = {
                     dispatch_id=None,
                     actor=Actor.WORKFLOW,
                 ),
-                _step(queue._RETRY, grant_extra=False, actor=Actor.API, reason="retry"),
+                _step(jobs.RETRY, grant_extra=False, actor=Actor.API, reason="retry"),
             ),
         ),
-        Operation("get_job_by_agent_id", False, _by_agent, (_step(queue._BY_AGENT),)),
-        Operation(
-            "get_job_by_stripe_event_id", False, _by_stripe, (_step(queue._BY_STRIPE_EVENT),)
-        ),
+        Operation("get_job_by_agent_id", False, _by_agent, (_step(jobs.BY_AGENT),)),
+        Operation("get_job_by_stripe_event_id", False, _by_stripe, (_step(jobs.BY_STRIPE_EVENT),)),
     ]
 }
 

@@ -27,7 +27,8 @@ import asyncpg
 from bench import dbs, seed
 from bench.context import Context
 from bench.measure import median, paired_ratio, percentile
-from jobs_app import database, dispatches, queue
+from jobs_app.db import connector
+from jobs_app.services import dispatches, jobs
 
 SCALE_TARGET = 1.5
 SMALL = 1_000
@@ -124,7 +125,7 @@ async def scale(ctx: Context) -> dict[str, Any]:
 
 async def _claim_plan(conn: asyncpg.Connection) -> dict[str, Any]:
     """Which indexes the dispatcher's claim reads, and whether it scans the jobs table."""
-    statement = dispatches._CLAIM
+    statement = dispatches.CLAIM
     values = {"owner": "bench", "provisioner": "github", "lease": 60.0, "batch": 20}
     raw = await conn.fetchval("EXPLAIN (FORMAT JSON) " + statement.sql, *statement.args(values))
     nodes, todo = [], [json.loads(raw)[0]["Plan"]]
@@ -143,12 +144,12 @@ async def _claim_plan(conn: asyncpg.Connection) -> dict[str, Any]:
 
 async def _use(url: str, *, migrate: bool = False) -> None:
     """Point the service layer's engine (and pool) at another database."""
-    await database.close_pool()
-    database.get_engine().config = {"dsn": url}
+    await connector.close_pool()
+    connector.get_engine().config = {"dsn": url}
     if migrate:
         with contextlib.redirect_stdout(io.StringIO()):
-            await database.migrate()
-    await database.start_pool()
+            await connector.migrate()
+    await connector.start_pool()
 
 
 async def _timed(call: Callable[[], Awaitable[object]]) -> float:
@@ -165,7 +166,7 @@ def _calls(
 
     async def enqueue() -> object:
         n = next(spare)
-        return await queue.enqueue_provisioning_job(
+        return await jobs.enqueue_provisioning_job(
             user_id=seed.user_id(pop.tag, n),
             agent_id=seed.agent_id(pop.tag, n),
             stripe_event_id=f"evt_scale_new_{n}",
@@ -174,13 +175,13 @@ def _calls(
     async def by_agent() -> object:
         # Any agent with history, at random: the large table is not all in cache.
         n = rng.randint(1, pop.history_users)
-        return await queue.get_job_by_agent_id(seed.agent_id(pop.tag, n))
+        return await jobs.get_job_by_agent_id(seed.agent_id(pop.tag, n))
 
     async def heartbeat() -> object:
-        return await queue.record_heartbeat(next(beats), attempt=1)
+        return await jobs.record_heartbeat(next(beats), attempt=1)
 
     async def sweep() -> object:
-        return await queue.sweep_stale_jobs()
+        return await jobs.sweep_stale_jobs()
 
     return {
         "enqueue": enqueue,

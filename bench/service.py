@@ -12,9 +12,10 @@ from bench.context import Context
 from bench.counting import CountingConnection, start_tally, stop_tally
 from bench.measure import drive, interleave, median, paired_ratio
 from bench.operations import OPERATIONS, Inputs, Operation, Step, Values, raw_call
-from jobs_app import database, queue
-from jobs_app.lifecycle import JobStatus
-from jobs_app.settings import get_settings
+from jobs_app.core.lifecycle import JobStatus
+from jobs_app.core.settings import get_settings
+from jobs_app.db import connector
+from jobs_app.services import jobs
 
 SERVICE_TARGET = 0.8
 
@@ -168,13 +169,13 @@ _MUST_BE_ONE = {"enqueue", "claim", "heartbeat", "complete", "fail", "retry"}
 async def round_trips(ctx: Context) -> dict[str, Any]:
     """Statements each service call sends, counted on the wire by the pool's
     connection class: steady state (statement cached) and on a fresh connection."""
-    await database.close_pool()
-    await database.start_pool(connection_class=CountingConnection)
+    await connector.close_pool()
+    await connector.start_pool(connection_class=CountingConnection)
     try:
         rows = [await _count(ctx, name, call) for name, call in _round_trip_calls(ctx)]
     finally:
-        await database.close_pool()
-        await database.start_pool()
+        await connector.close_pool()
+        await connector.start_pool()
     for row in rows:
         print(
             f"  {row['operation']:<28} {row['round_trips']:.2f} round trips ({row['statements']})",
@@ -197,20 +198,20 @@ def _round_trip_calls(ctx: Context) -> list[tuple[str, Any]]:
 
     async def provisioning() -> Any:
         (values,) = await inputs.single_use("complete", 1)
-        return lambda: queue.record_heartbeat(values["job_id"], attempt=1)
+        return lambda: jobs.record_heartbeat(values["job_id"], attempt=1)
 
     async def fail() -> Any:
         (values,) = await inputs.single_use("claim", 1)
-        return lambda: queue.update_job_status(
+        return lambda: jobs.update_job_status(
             values["job_id"], status=JobStatus.FAILED, attempt=1, error="bench"
         )
 
     async def retry() -> Any:
         (values,) = await inputs.single_use("claim", 1)
-        await queue.update_job_status(
+        await jobs.update_job_status(
             values["job_id"], status=JobStatus.FAILED, attempt=1, error="bench"
         )
-        return lambda: queue.retry_job(values["job_id"])
+        return lambda: jobs.retry_job(values["job_id"])
 
     async def enqueued() -> Any:
         (values,) = await inputs.single_use("enqueue", 1)
@@ -219,26 +220,26 @@ def _round_trip_calls(ctx: Context) -> list[tuple[str, Any]]:
 
     async def get_job() -> Any:
         job = await enqueued()
-        return lambda: queue.get_job(job.id)
+        return lambda: jobs.get_job(job.id)
 
     async def by_agent() -> Any:
         job = await enqueued()
-        return lambda: queue.get_job_by_agent_id(job.agent_id)
+        return lambda: jobs.get_job_by_agent_id(job.agent_id)
 
     async def by_stripe() -> Any:
         job = await enqueued()
-        return lambda: queue.get_job_by_stripe_event_id(job.stripe_event_id)
+        return lambda: jobs.get_job_by_stripe_event_id(job.stripe_event_id)
 
     async def list_jobs() -> Any:
         job = await enqueued()
-        return lambda: queue.list_jobs(user_id=job.user_id)
+        return lambda: jobs.list_jobs(user_id=job.user_id)
 
     async def events() -> Any:
         job = await enqueued()
-        return lambda: queue.list_job_events(job.id)
+        return lambda: jobs.list_job_events(job.id)
 
     async def sweep() -> Any:
-        return lambda: queue.sweep_stale_jobs()
+        return lambda: jobs.sweep_stale_jobs()
 
     async def replay() -> Any:
         (values,) = await inputs.single_use("enqueue", 1)

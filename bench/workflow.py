@@ -23,9 +23,9 @@ from bench import seed
 from bench.context import Context
 from bench.measure import interleave, median, paired_ratio
 from bench.service import raw_pool
-from jobs_app import queue
-from jobs_app.lifecycle import Actor, JobStatus
-from jobs_app.settings import get_settings
+from jobs_app.core.lifecycle import Actor, JobStatus
+from jobs_app.core.settings import get_settings
+from jobs_app.services import jobs
 
 LIFECYCLE_TARGET = 0.5
 STEPS = 6  # enqueue, provisioning, 3 heartbeats, running
@@ -40,28 +40,28 @@ async def lifecycle(ctx: Context) -> dict[str, Any]:
     serial = itertools.count()
 
     async def service_lifecycle(user_id: Any, agent_id: Any) -> None:
-        enqueued = await queue.enqueue_provisioning_job(
+        enqueued = await jobs.enqueue_provisioning_job(
             user_id=user_id, agent_id=agent_id, stripe_event_id=f"evt_{tag}_{next(serial)}"
         )
         job = enqueued.job
-        await queue.update_job_status(
+        await jobs.update_job_status(
             job.id, status=JobStatus.PROVISIONING, attempt=job.attempt, workflow_run_id="wf"
         )
         for _ in range(3):
-            await queue.record_heartbeat(job.id, attempt=job.attempt)
-        await queue.update_job_status(job.id, status=JobStatus.RUNNING, attempt=job.attempt)
+            await jobs.record_heartbeat(job.id, attempt=job.attempt)
+        await jobs.update_job_status(job.id, status=JobStatus.RUNNING, attempt=job.attempt)
 
     pool = await raw_pool(ctx.url)
-    claim = queue._TRANSITION_STATEMENTS[JobStatus.PROVISIONING]
-    running = queue._TRANSITION_STATEMENTS[JobStatus.RUNNING]
-    heartbeat = queue._HEARTBEAT
+    claim = jobs.TRANSITION[JobStatus.PROVISIONING]
+    running = jobs.TRANSITION[JobStatus.RUNNING]
+    heartbeat = jobs.HEARTBEAT
     step = {"attempt": 1, "actor": Actor.WORKFLOW, "dispatch_id": None}
 
     async def raw_lifecycle(user_id: Any, agent_id: Any) -> None:
         """The same six statements on a plain pool of the same size."""
         evt = f"evt_{tag}_{next(serial)}"
         row = await pool.fetchrow(
-            queue._ENQUEUE.sql, agent_id, user_id, evt, "us-east", 3, Actor.API
+            jobs.ENQUEUE.sql, agent_id, user_id, evt, "us-east", 3, Actor.API
         )
         assert row is not None
         job_id = row["id"]

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import msgspec
 
-from jobs_app.observability import get_logger
-from jobs_app.settings import Settings, SettingsError, get_settings, load_settings
+from jobs_app.core.logs import get_logger
+from jobs_app.core.settings import Settings, SettingsError, get_settings, load_settings
 
 
 def _migrate() -> None:
-    from jobs_app import database
+    from jobs_app.db import connector
 
-    asyncio.run(database.migrate())
+    asyncio.run(connector.migrate())
 
 
 def _prepare_metrics_dir() -> None:
@@ -64,7 +64,7 @@ def serve(host: str, port: int, workers: int, access_log: bool) -> None:
     os.environ["JOBS_API_TOKEN"] = settings.api_token
     os.environ["JOBS_CALLBACK_SECRET"] = settings.callback_secret
     os.environ["STRIPE_WEBHOOK_SECRET"] = settings.stripe_webhook_secret
-    if access_log:  # read by every worker's app (observability.RequestContextMiddleware)
+    if access_log:  # read by every worker's app (http.middleware.RequestContextMiddleware)
         os.environ["JOBS_ACCESS_LOG"] = "1"
     get_settings.cache_clear()  # a worker in this process must read them back, not regenerate
     _migrate()
@@ -97,25 +97,24 @@ def dispatch() -> None:
 
 
 async def _dispatch_until_stopped(settings: Settings) -> None:
-    from jobs_app import database
-    from jobs_app.dispatch.dispatcher import Dispatcher
-    from jobs_app.dispatch.factory import make_provisioner
+    from jobs_app.core import tracing
+    from jobs_app.db import connector
+    from jobs_app.loops.background import BackgroundLoops
 
-    provisioner = make_provisioner(settings)
-    assert provisioner is not None
-    await database.start_pool(settings)
-    dispatcher = Dispatcher(provisioner, settings)
+    tracing.configure_tracing()  # the dispatcher's rounds and GitHub calls, as under serve
+    await connector.start_pool(settings)
+    loops = BackgroundLoops(settings, sweep=False)
     stopped = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopped.set)
-    dispatcher.start()
+    await loops.start()
     try:
         await stopped.wait()
     finally:
-        await dispatcher.stop()
-        await provisioner.aclose()
-        await database.close_pool()
+        await loops.stop()
+        await connector.close_pool()
+        tracing.shutdown_tracing()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -141,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "callback":  # the workflow's client: no settings, no database
         raise SystemExit(run_callback_command(args))
 
-    from jobs_app.observability import configure_logging
+    from jobs_app.core.logs import configure_logging
 
     configure_logging(load_settings())
     try:

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from jobs_app.settings import load_settings
+from jobs_app.core.settings import load_settings
 
 
 def with_database(url: str, name: str) -> str:
@@ -35,7 +35,7 @@ def _server_url() -> str:
     settings = load_settings()
     if settings.database_url:
         return settings.database_url
-    from jobs_app.database import embedded_database_url
+    from jobs_app.db.connector import embedded_database_url
 
     return embedded_database_url(settings)
 
@@ -76,7 +76,7 @@ async def _drop_database() -> None:
 @pytest.fixture(scope="session")
 async def database() -> AsyncIterator[str]:
     """The migrated test database's URL, with the app's pool open on it."""
-    from jobs_app import database as db
+    from jobs_app.db import connector as db
 
     await _create_database()
     try:
@@ -102,10 +102,10 @@ async def db(database: str) -> AsyncIterator[asyncpg.Connection]:
 @pytest.fixture
 async def user_agent(db: asyncpg.Connection) -> tuple[uuid.UUID, uuid.UUID]:
     """A user with one agent."""
-    from jobs_app import queue
+    from jobs_app.services import accounts
 
-    user = await queue.create_user(f"user-{uuid.uuid4().hex[:8]}@example.com")
-    agent = await queue.create_agent(user.id, "agent")
+    user = await accounts.create_user(f"user-{uuid.uuid4().hex[:8]}@example.com")
+    agent = await accounts.create_agent(user.id, "agent")
     return user.id, agent.id
 
 

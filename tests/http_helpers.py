@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import stripe
 
-from jobs_app.http.auth import sign
+from jobs_app.core.signing import sign
 from tests.conftest import API_HEADERS, CALLBACK_SECRET, STRIPE_SECRET
 
 

@@ -18,8 +18,8 @@ import httpx
 import pytest
 from litestar import Litestar
 
-from jobs_app import queue
-from jobs_app.lifecycle import JobStatus
+from jobs_app.core.lifecycle import JobStatus
+from jobs_app.services import accounts, jobs
 
 pytestmark = pytest.mark.filterwarnings(
     # piccolo_api warns on every login when `production` is off (as in tests).
@@ -103,7 +103,7 @@ async def make_job(
 ) -> uuid.UUID:
     user_id, agent_id = user_agent
     job = (
-        await queue.enqueue_provisioning_job(
+        await jobs.enqueue_provisioning_job(
             agent_id=agent_id,
             user_id=user_id,
             stripe_event_id=f"evt_{uuid.uuid4().hex}",
@@ -111,11 +111,11 @@ async def make_job(
         )
     ).job
     if status in (JobStatus.PROVISIONING, JobStatus.RUNNING):
-        await queue.update_job_status(job.id, status=JobStatus.PROVISIONING, attempt=1)
+        await jobs.update_job_status(job.id, status=JobStatus.PROVISIONING, attempt=1)
     if status == JobStatus.RUNNING:
-        await queue.update_job_status(job.id, status=JobStatus.RUNNING, attempt=1)
+        await jobs.update_job_status(job.id, status=JobStatus.RUNNING, attempt=1)
     if status == JobStatus.FAILED:
-        await queue.update_job_status(
+        await jobs.update_job_status(
             job.id, status=JobStatus.FAILED, attempt=1, error="boom", failed_step="create_vm"
         )
     return job.id
@@ -380,7 +380,7 @@ async def test_users_and_agents_with_jobs_cannot_be_deleted(
         assert "history" in response.json()["detail"]
     assert await snapshot(db, job_id) == before
 
-    spare = await queue.create_user("spare@example.com")
+    spare = await accounts.create_user("spare@example.com")
     response = await client.delete(f"/admin/api/tables/users/{spare.id}/", headers=csrf(client))
     assert response.status_code == 204
     assert await db.fetchval("SELECT count(*) FROM users WHERE id = $1", spare.id) == 0
@@ -598,13 +598,13 @@ async def test_find_jobs_of_a_user_by_email(
     assert nobody.status_code == 422
     assert nobody.json()["custom_form_error"] == "no user with this email: nobody@example.com."
 
-    await queue.create_user("idle@example.com")
+    await accounts.create_user("idle@example.com")
     idle = await submit(client, "find-jobs-of-a-user-by-email", email="idle@example.com")
     assert "has no jobs" in idle.json()["custom_form_success"]
 
 
 def test_admin_allowed_hosts_come_from_the_environment():
-    from jobs_app.settings import load_settings
+    from jobs_app.core.settings import load_settings
 
     settings = load_settings({"JOBS_ADMIN_ALLOWED_HOSTS": "ops.example.com, admin.example.com,"})
     assert settings.admin_allowed_hosts == ("ops.example.com", "admin.example.com")
@@ -618,8 +618,8 @@ async def test_dispatches_beside_the_job_with_the_run_as_a_link(
 ) -> None:
     """A refused dispatch: the job failed with GitHub's message, the dispatch and its
     try are listed by job, the run opens from its row, and nothing there is editable."""
-    from jobs_app import dispatches
-    from jobs_app.dispatch.provisioner import Outcome, Result
+    from jobs_app.core.provisioning import Outcome, Result
+    from jobs_app.services import dispatches
 
     _, client = operator
     job_id = await make_job(user_agent)

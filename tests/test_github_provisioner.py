@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from jobs_app.dispatch.github import GitHubProvisioner
-from jobs_app.dispatch.provisioner import DispatchRequest, Outcome
+from jobs_app.core.provisioning import DispatchRequest, Outcome
+from jobs_app.loops.provisioners.github import GitHubProvisioner
 from tests.conftest import free_port
 from tests.github_standin import (
     WORKFLOW_INPUTS,

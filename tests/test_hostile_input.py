@@ -40,7 +40,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from jobs_app.http.auth import sign
+from jobs_app.core.signing import sign
 from tests.conftest import API_HEADERS, CALLBACK_SECRET, STRIPE_SECRET, record_figure
 
 EXAMPLES_PER_OPERATION = 150

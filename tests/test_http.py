@@ -517,7 +517,8 @@ async def test_metrics_count_requests_and_transitions(client, db):
 def test_signature_tolerance_is_300_seconds_either_way():
     from litestar.exceptions import NotAuthorizedException
 
-    from jobs_app.http.auth import sign, verify_signature
+    from jobs_app.core.signing import sign
+    from jobs_app.http.auth import verify_signature
 
     body = b'{"attempt": 1}'
     header = sign(CALLBACK_SECRET, body, timestamp=1_000_000)

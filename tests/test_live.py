@@ -20,7 +20,7 @@ import asyncpg
 import httpx
 import pytest
 
-from jobs_app.live.streams import StreamScope, issue_token, stream_token_key
+from jobs_app.http.live.tokens import StreamScope, issue_token, stream_token_key
 from tests.conftest import API_HEADERS, LoggedServer
 from tests.http_helpers import callback, make_job, make_user_agent
 from tests.sse_helpers import SSEReader, open_metric, wait_metric
@@ -100,22 +100,22 @@ async def _drain(conn: asyncpg.Connection) -> None:
 async def test_the_trigger_announces_each_statement_once_and_never_a_rollback(
     db: asyncpg.Connection, user_agent: tuple[uuid.UUID, uuid.UUID], database: str
 ) -> None:
-    from jobs_app import queue
+    from jobs_app.services import jobs as job_service
 
     listener = await asyncpg.connect(database)
     received = await _collect(listener)
     try:
         user_id, agent_id = user_agent
         job = (
-            await queue.enqueue_provisioning_job(
+            await job_service.enqueue_provisioning_job(
                 agent_id=agent_id, user_id=user_id, stripe_event_id="evt_n1"
             )
         ).job
-        await queue.enqueue_provisioning_job(  # a replay inserts no event: no notification
+        await job_service.enqueue_provisioning_job(  # a replay inserts no event: no notification
             agent_id=agent_id, user_id=user_id, stripe_event_id="evt_n1"
         )
-        await queue.update_job_status(job.id, status="provisioning", attempt=1)
-        await queue.update_job_status(job.id, status="provisioning", attempt=1)  # repeat
+        await job_service.update_job_status(job.id, status="provisioning", attempt=1)
+        await job_service.update_job_status(job.id, status="provisioning", attempt=1)  # repeat
         # A hand-written insert is announced too; a rolled-back one is not.
         await db.execute(
             "INSERT INTO job_events (job_id, to_status, attempt, actor) "
@@ -480,8 +480,8 @@ async def test_listener_observers_see_every_notification_and_reconnects(
 ) -> None:
     """The hook the dispatcher uses: `queued` when a job enters queued; after the
     listener's connection is killed, a `reconnected` notification, then live ones again."""
-    from jobs_app import queue
-    from jobs_app.live.listener import Listener, Notification
+    from jobs_app.loops.listener import Listener, Notification
+    from jobs_app.services import jobs as job_service
 
     listener = Listener(database, health_interval=0.5, backoff_initial=0.05)
     seen: list[Notification] = []
@@ -504,7 +504,7 @@ async def test_listener_observers_see_every_notification_and_reconnects(
         await until(lambda: any(n.reconnected for n in seen))  # listening
         user_id, agent_id = user_agent
         job = (
-            await queue.enqueue_provisioning_job(
+            await job_service.enqueue_provisioning_job(
                 agent_id=agent_id, user_id=user_id, stripe_event_id="evt_obs"
             )
         ).job
@@ -513,7 +513,7 @@ async def test_listener_observers_see_every_notification_and_reconnects(
         assert enqueued.queued and enqueued.users == [user_id]
         assert enqueued.first == enqueued.last
         subscription.wake.clear()
-        await queue.update_job_status(job.id, status="provisioning", attempt=1)
+        await job_service.update_job_status(job.id, status="provisioning", attempt=1)
         await until(lambda: sum(1 for n in seen if n.jobs == [job.id]) == 2)
         assert not seen[-1].queued
         assert not subscription.wake.is_set()  # another job's stream is not woken
@@ -523,7 +523,7 @@ async def test_listener_observers_see_every_notification_and_reconnects(
         await until(lambda: any(n.reconnected for n in seen[before:]))
         assert subscription.wake.is_set()  # after a reconnect every stream re-reads
         assert listener.connections == 2
-        await queue.update_job_status(job.id, status="running", attempt=1)
+        await job_service.update_job_status(job.id, status="running", attempt=1)
         await until(lambda: sum(1 for n in seen if n.jobs == [job.id]) == 3)
         remove()
         count = len(seen)

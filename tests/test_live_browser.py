@@ -19,8 +19,8 @@ from uuid import UUID
 
 import httpx
 
-from jobs_app import queue
-from jobs_app.lifecycle import JobStatus
+from jobs_app.core.lifecycle import JobStatus
+from jobs_app.services import jobs
 from tests.conftest import API_HEADERS, LoggedServer, free_port
 from tests.http_helpers import make_job
 from tests.test_admin_browser import CHROMIUM_ARGS, chromium  # noqa: F401 - fixture
@@ -112,21 +112,21 @@ async def test_a_browser_follows_a_job_live_and_resumes_after_the_server_ends_th
                         await page.goto(str(url))
                         await eventually(page, "window.received.length >= 1")  # the history
                         job_id = UUID(job["id"])
-                        await queue.update_job_status(
+                        await jobs.update_job_status(
                             job_id, status=JobStatus.PROVISIONING, attempt=1
                         )
                         await eventually(page, "window.received.length >= 2")  # live
 
                         # The server ends the stream; a transition while it is down.
                         servers[0].stop()
-                        await queue.update_job_status(
+                        await jobs.update_job_status(
                             job_id, status=JobStatus.FAILED, attempt=1, error="quota"
                         )
                         servers.append(server_on(database, port, **env))
                         await servers[1].wait_ready()
                         # EventSource reconnects by itself, with Last-Event-ID.
                         await eventually(page, "window.received.length >= 3")
-                        await queue.retry_job(job_id)
+                        await jobs.retry_job(job_id)
                         await eventually(page, "window.received.length >= 4")
 
                         other = await browser.new_page()
@@ -136,7 +136,7 @@ async def test_a_browser_follows_a_job_live_and_resumes_after_the_server_ends_th
                         await other.goto(str(url))
                         # CORS refused: the browser fails the EventSource for good (CLOSED = 2).
                         await eventually(other, "window.errors.includes(2)")
-                        await queue.update_job_status(
+                        await jobs.update_job_status(
                             job_id, status=JobStatus.PROVISIONING, attempt=2
                         )
                         await eventually(page, "window.received.length >= 5")

@@ -18,10 +18,10 @@ import uuid
 import httpx
 import stripe
 
-from jobs_app.http.auth import sign
-from jobs_app.observability.logs import log_format
-from jobs_app.observability.requests import request_id_from
-from jobs_app.settings import load_settings
+from jobs_app.core.logs import log_format
+from jobs_app.core.settings import load_settings
+from jobs_app.core.signing import sign
+from jobs_app.http.middleware import request_id_from
 
 
 def test_request_id_from_a_proxy_is_kept_only_when_it_is_a_safe_token():
@@ -45,8 +45,8 @@ def test_before_logging_is_configured_nothing_is_written_to_stdout():
     """A program whose stdout is data (a test's child process) imports jobs_app and logs
     before anything configured logging: the lines go to stderr, never stdout."""
     code = (
-        "from jobs_app import queue\n"
-        "from jobs_app.observability import get_logger\n"
+        "from jobs_app.services import jobs\n"
+        "from jobs_app.core.logs import get_logger\n"
         "get_logger('jobs_app.child').warning('careful', job_id='j-1')\n"
         "print('data')\n"
     )

@@ -13,7 +13,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from jobs_app.database import MIGRATION_LOCK_KEY
+from jobs_app.db.connector import MIGRATION_LOCK_KEY
 from tests.conftest import with_database
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -91,7 +91,7 @@ async def piccolo(*args: str, url: str) -> str:
     return output
 
 
-MIGRATE = "import asyncio; from jobs_app.database import migrate; asyncio.run(migrate())"
+MIGRATE = "import asyncio; from jobs_app.db.connector import migrate; asyncio.run(migrate())"
 
 
 async def schema(url: str) -> dict[str, list[tuple[object, ...]]]:

@@ -1,4 +1,4 @@
-"""The service layer (jobs_app/queue.py) against real PostgreSQL.
+"""The service layer (jobs_app/jobs.py) against real PostgreSQL.
 
 Every function, every transition (legal, idempotent and illegal), attempt fencing,
 retries, timeouts on the database clock (arranged by backdating rows, never by
@@ -17,16 +17,17 @@ import asyncpg
 import msgspec
 import pytest
 
-from jobs_app import errors, queue
-from jobs_app.lifecycle import (
+from jobs_app.core import errors, lifecycle
+from jobs_app.core.lifecycle import (
     CONCURRENT_PROVISION_MESSAGE,
     RETRY_SOURCES,
     TRANSITIONS,
     FailureReason,
     JobStatus,
 )
-from jobs_app.models import Job
-from jobs_app.settings import get_settings
+from jobs_app.core.models import Job
+from jobs_app.core.settings import get_settings
+from jobs_app.services import accounts, jobs
 
 STATUSES = ["queued", "provisioning", "running", "failed"]
 # The state machine as the issue states it, written out independently of lifecycle.py.
@@ -81,14 +82,14 @@ async def age(db: asyncpg.Connection, job_id: uuid.UUID, **seconds_ago: float) -
 
 
 async def new_user_agent(name: str | None = None) -> tuple[uuid.UUID, uuid.UUID]:
-    user = await queue.create_user(name or f"u-{uuid.uuid4().hex[:10]}@example.com")
-    agent = await queue.create_agent(user.id, "agent")
+    user = await accounts.create_user(name or f"u-{uuid.uuid4().hex[:10]}@example.com")
+    agent = await accounts.create_agent(user.id, "agent")
     return user.id, agent.id
 
 
 async def enqueue(ua: tuple[uuid.UUID, uuid.UUID], event: str = "evt_1", **kwargs: Any) -> Job:
     user_id, agent_id = ua
-    result = await queue.enqueue_provisioning_job(
+    result = await jobs.enqueue_provisioning_job(
         agent_id=agent_id, user_id=user_id, stripe_event_id=event, **kwargs
     )
     assert result.created
@@ -100,13 +101,13 @@ async def job_in(ua: tuple[uuid.UUID, uuid.UUID], status: str, event: str = "evt
     job = await enqueue(ua, event)
     if status == "queued":
         return job
-    job = await queue.update_job_status(
+    job = await jobs.update_job_status(
         job.id, status="provisioning", attempt=1, workflow_run_id="run-1"
     )
     if status == "running":
-        job = await queue.update_job_status(job.id, status="running", attempt=1)
+        job = await jobs.update_job_status(job.id, status="running", attempt=1)
     elif status == "failed":
-        job = await queue.update_job_status(
+        job = await jobs.update_job_status(
             job.id, status="failed", attempt=1, error="boom", failed_step="boot"
         )
     assert job.status == status
@@ -122,9 +123,9 @@ def assert_job_matches_row(job: Job, row: dict[str, Any]) -> None:
 
 
 def test_constants_and_default_settings() -> None:
-    assert queue.HEARTBEAT_INTERVAL_SECONDS == 60
-    assert queue.JOB_TIMEOUT_SECONDS == 900
-    assert queue.MAX_RETRIES == 3
+    assert lifecycle.HEARTBEAT_INTERVAL_SECONDS == 60
+    assert lifecycle.JOB_TIMEOUT_SECONDS == 900
+    assert lifecycle.MAX_RETRIES == 3
     settings = get_settings()
     assert settings.job_timeout_seconds == 900
     assert settings.job_deadline_seconds == 3600
@@ -143,26 +144,26 @@ def test_lifecycle_data_is_the_issue_state_machine() -> None:
 
 
 async def test_create_and_find_user(db: asyncpg.Connection) -> None:
-    user = await queue.create_user("Alice@Example.com")
+    user = await accounts.create_user("Alice@Example.com")
     row = await db.fetchrow("SELECT * FROM users WHERE id = $1", user.id)
     assert row["email"] == "Alice@Example.com"
     assert row["created_at"] == user.created_at
-    assert (await queue.find_user_by_email("alice@example.COM")).id == user.id
+    assert (await accounts.find_user_by_email("alice@example.COM")).id == user.id
     with pytest.raises(errors.NotFoundError):
-        await queue.find_user_by_email("nobody@example.com")
+        await accounts.find_user_by_email("nobody@example.com")
     with pytest.raises(errors.DuplicateError):
-        await queue.create_user("Alice@Example.com")
+        await accounts.create_user("Alice@Example.com")
     assert await count(db, "users") == 1
 
 
 async def test_create_agent(db: asyncpg.Connection) -> None:
-    user = await queue.create_user("bob@example.com")
-    agent = await queue.create_agent(user.id, "my agent")
+    user = await accounts.create_user("bob@example.com")
+    agent = await accounts.create_agent(user.id, "my agent")
     assert (agent.user_id, agent.name) == (user.id, "my agent")
     row = await db.fetchrow("SELECT * FROM agents WHERE id = $1", agent.id)
     assert (row["user_id"], row["name"]) == (user.id, "my agent")
     with pytest.raises(errors.NotFoundError):
-        await queue.create_agent(uuid.uuid4(), "orphan")
+        await accounts.create_agent(uuid.uuid4(), "orphan")
     assert await count(db, "agents") == 1
 
 
@@ -171,7 +172,7 @@ async def test_create_agent(db: asyncpg.Connection) -> None:
 
 async def test_enqueue_creates_job_and_event(db, user_agent) -> None:
     user_id, agent_id = user_agent
-    result = await queue.enqueue_provisioning_job(
+    result = await jobs.enqueue_provisioning_job(
         agent_id=agent_id, user_id=user_id, stripe_event_id="evt_new"
     )
     assert result.created is True
@@ -193,7 +194,7 @@ async def test_enqueue_creates_job_and_event(db, user_agent) -> None:
 
 async def test_enqueue_options(db, user_agent) -> None:
     user_id, agent_id = user_agent
-    result = await queue.enqueue_provisioning_job(
+    result = await jobs.enqueue_provisioning_job(
         agent_id=agent_id,
         user_id=user_id,
         stripe_event_id="evt_opts",
@@ -208,11 +209,11 @@ async def test_enqueue_options(db, user_agent) -> None:
 
 async def test_enqueue_replay_returns_same_job_without_new_rows(db, user_agent) -> None:
     user_id, agent_id = user_agent
-    first = await queue.enqueue_provisioning_job(
+    first = await jobs.enqueue_provisioning_job(
         agent_id=agent_id, user_id=user_id, stripe_event_id="evt_dup"
     )
     before = await snapshot(db, first.job.id)
-    again = await queue.enqueue_provisioning_job(
+    again = await jobs.enqueue_provisioning_job(
         agent_id=agent_id, user_id=user_id, stripe_event_id="evt_dup"
     )
     assert again.created is False
@@ -225,7 +226,7 @@ async def test_enqueue_replay_returns_same_job_without_new_rows(db, user_agent) 
 async def test_enqueue_replay_after_job_moved_on(db, user_agent) -> None:
     job = await job_in(user_agent, "running", event="evt_done")
     user_id, agent_id = user_agent
-    again = await queue.enqueue_provisioning_job(
+    again = await jobs.enqueue_provisioning_job(
         agent_id=agent_id, user_id=user_id, stripe_event_id="evt_done"
     )
     assert (again.created, again.job.id, again.job.status) == (False, job.id, "running")
@@ -238,13 +239,13 @@ async def test_enqueue_same_event_for_another_user_or_agent_conflicts(db, user_a
     before = await snapshot(db, job.id)
     other_user, other_agent = await new_user_agent()
     with pytest.raises(errors.IdempotencyConflictError) as info:
-        await queue.enqueue_provisioning_job(
+        await jobs.enqueue_provisioning_job(
             agent_id=other_agent, user_id=other_user, stripe_event_id="evt_shared"
         )
     assert str(job.id) not in info.value.message
-    second_agent = await queue.create_agent(user_id, "second")
+    second_agent = await accounts.create_agent(user_id, "second")
     with pytest.raises(errors.IdempotencyConflictError):
-        await queue.enqueue_provisioning_job(
+        await jobs.enqueue_provisioning_job(
             agent_id=second_agent.id, user_id=user_id, stripe_event_id="evt_shared"
         )
     assert await snapshot(db, job.id) == before
@@ -255,16 +256,16 @@ async def test_enqueue_same_event_for_another_user_or_agent_conflicts(db, user_a
 async def test_enqueue_unknown_references(db, user_agent) -> None:
     user_id, agent_id = user_agent
     with pytest.raises(errors.NotFoundError):
-        await queue.enqueue_provisioning_job(
+        await jobs.enqueue_provisioning_job(
             agent_id=agent_id, user_id=uuid.uuid4(), stripe_event_id="evt_a"
         )
     with pytest.raises(errors.NotFoundError):
-        await queue.enqueue_provisioning_job(
+        await jobs.enqueue_provisioning_job(
             agent_id=uuid.uuid4(), user_id=user_id, stripe_event_id="evt_b"
         )
     _, foreign_agent = await new_user_agent()
     with pytest.raises(errors.InvalidReferenceError):
-        await queue.enqueue_provisioning_job(
+        await jobs.enqueue_provisioning_job(
             agent_id=foreign_agent, user_id=user_id, stripe_event_id="evt_c"
         )
     assert await count(db, "provisioning_jobs") == 0
@@ -276,10 +277,10 @@ async def test_second_active_job_for_user_is_refused(db, user_agent, active) -> 
     job = await job_in(user_agent, active, event="evt_first")
     before = await snapshot(db, job.id)
     user_id, _ = user_agent
-    other_agent = await queue.create_agent(user_id, "other")
+    other_agent = await accounts.create_agent(user_id, "other")
     for agent_id in (user_agent[1], other_agent.id):
         with pytest.raises(errors.ConcurrentProvisionError) as info:
-            await queue.enqueue_provisioning_job(
+            await jobs.enqueue_provisioning_job(
                 agent_id=agent_id, user_id=user_id, stripe_event_id=f"evt_{agent_id}"
             )
         assert info.value.message == CONCURRENT_PROVISION_MESSAGE
@@ -308,21 +309,21 @@ async def test_other_users_active_job_does_not_block(db, user_agent) -> None:
 async def test_check_concurrent_provision(db, user_agent) -> None:
     user_id, _ = user_agent
     other_user, _ = await new_user_agent()
-    assert await queue.check_concurrent_provision(user_id) is None
+    assert await jobs.check_concurrent_provision(user_id) is None
     job = await enqueue(user_agent, "evt_1")
     with pytest.raises(errors.ConcurrentProvisionError) as info:
-        await queue.check_concurrent_provision(user_id)
+        await jobs.check_concurrent_provision(user_id)
     assert info.value.message == CONCURRENT_PROVISION_MESSAGE
-    assert await queue.check_concurrent_provision(other_user) is None
-    await queue.update_job_status(job.id, status="provisioning", attempt=1)
+    assert await jobs.check_concurrent_provision(other_user) is None
+    await jobs.update_job_status(job.id, status="provisioning", attempt=1)
     with pytest.raises(errors.ConcurrentProvisionError):
-        await queue.check_concurrent_provision(user_id)
-    await queue.update_job_status(job.id, status="running", attempt=1)
-    assert await queue.check_concurrent_provision(user_id) is None
+        await jobs.check_concurrent_provision(user_id)
+    await jobs.update_job_status(job.id, status="running", attempt=1)
+    assert await jobs.check_concurrent_provision(user_id) is None
     failed = await job_in(user_agent, "failed", event="evt_2")
     assert failed.status == "failed"
-    assert await queue.check_concurrent_provision(user_id) is None
-    assert await queue.check_concurrent_provision(uuid.uuid4()) is None
+    assert await jobs.check_concurrent_provision(user_id) is None
+    assert await jobs.check_concurrent_provision(uuid.uuid4()) is None
 
 
 # --------------------------------------------------------------------------- transitions
@@ -331,7 +332,7 @@ async def test_check_concurrent_provision(db, user_agent) -> None:
 async def test_queued_to_provisioning(db, user_agent) -> None:
     job = await enqueue(user_agent)
     before = await job_row(db, job.id)
-    moved = await queue.update_job_status(
+    moved = await jobs.update_job_status(
         job.id, status="provisioning", attempt=1, workflow_run_id="run-42"
     )
     row = await job_row(db, job.id)
@@ -349,7 +350,7 @@ async def test_queued_to_provisioning(db, user_agent) -> None:
 
 async def test_provisioning_to_running(db, user_agent) -> None:
     job = await job_in(user_agent, "provisioning")
-    moved = await queue.update_job_status(job.id, status="running", attempt=1)
+    moved = await jobs.update_job_status(job.id, status="running", attempt=1)
     row = await job_row(db, job.id)
     assert_job_matches_row(moved, row)
     assert moved.status == "running"
@@ -367,7 +368,7 @@ async def test_provisioning_to_running(db, user_agent) -> None:
 
 async def test_queued_to_failed(db, user_agent) -> None:
     job = await enqueue(user_agent)
-    moved = await queue.update_job_status(
+    moved = await jobs.update_job_status(
         job.id,
         status="failed",
         attempt=1,
@@ -393,7 +394,7 @@ async def test_queued_to_failed(db, user_agent) -> None:
 
 async def test_provisioning_to_failed_defaults(db, user_agent) -> None:
     job = await job_in(user_agent, "provisioning")
-    moved = await queue.update_job_status(job.id, status="failed", attempt=None)
+    moved = await jobs.update_job_status(job.id, status="failed", attempt=None)
     assert moved.status == "failed"
     assert moved.error == "failed"
     assert moved.failure_reason == FailureReason.WORKFLOW_ERROR
@@ -411,7 +412,7 @@ async def test_provisioning_to_failed_defaults(db, user_agent) -> None:
 async def test_every_legal_transition_moves_and_records(db, user_agent, src, to) -> None:
     job = await job_in(user_agent, src)
     events_before = await job_events(db, job.id)
-    moved = await queue.update_job_status(job.id, status=to, attempt=1)
+    moved = await jobs.update_job_status(job.id, status=to, attempt=1)
     assert moved.status == to
     assert (await job_row(db, job.id))["status"] == to
     events = await job_events(db, job.id)
@@ -425,7 +426,7 @@ async def test_every_illegal_transition_changes_nothing(db, user_agent, src, to)
     before = await snapshot(db, job.id)
     for attempt in (1, None):
         with pytest.raises(errors.InvalidTransitionError) as info:
-            await queue.update_job_status(
+            await jobs.update_job_status(
                 job.id, status=to, attempt=attempt, error="x", workflow_run_id="run-x"
             )
         assert type(info.value) is errors.InvalidTransitionError
@@ -437,7 +438,7 @@ async def test_repeating_the_current_status_is_idempotent(db, user_agent, src, t
     job = await job_in(user_agent, src)
     before = await snapshot(db, job.id)
     for attempt in (1, None):
-        again = await queue.update_job_status(
+        again = await jobs.update_job_status(
             job.id, status=to, attempt=attempt, error="other", workflow_run_id="run-other"
         )
         assert again == job
@@ -447,7 +448,7 @@ async def test_repeating_the_current_status_is_idempotent(db, user_agent, src, t
 async def test_illegal_transition_error_names_statuses(db, user_agent) -> None:
     job = await job_in(user_agent, "running")
     with pytest.raises(errors.InvalidTransitionError) as info:
-        await queue.update_job_status(job.id, status="failed", attempt=1)
+        await jobs.update_job_status(job.id, status="failed", attempt=1)
     assert info.value.extra == {
         "reason": "invalid_transition",
         "current_status": "running",
@@ -457,9 +458,9 @@ async def test_illegal_transition_error_names_statuses(db, user_agent) -> None:
 
 async def test_update_status_unknown_job(db) -> None:
     with pytest.raises(errors.NotFoundError):
-        await queue.update_job_status(uuid.uuid4(), status="provisioning", attempt=1)
+        await jobs.update_job_status(uuid.uuid4(), status="provisioning", attempt=1)
     with pytest.raises(errors.NotFoundError):
-        await queue.update_job_status(uuid.uuid4(), status="failed", attempt=None)
+        await jobs.update_job_status(uuid.uuid4(), status="failed", attempt=None)
 
 
 @pytest.mark.parametrize("src", STATUSES)
@@ -469,7 +470,7 @@ async def test_stale_attempt_is_refused_for_status_updates(db, user_agent, src, 
     before = await snapshot(db, job.id)
     for attempt in (0, 2):
         with pytest.raises(errors.StaleAttemptError) as info:
-            await queue.update_job_status(job.id, status=to, attempt=attempt)
+            await jobs.update_job_status(job.id, status=to, attempt=attempt)
         assert info.value.extra == {
             "reason": "stale_attempt",
             "current_attempt": 1,
@@ -480,18 +481,18 @@ async def test_stale_attempt_is_refused_for_status_updates(db, user_agent, src, 
 
 async def test_late_callback_from_previous_attempt_cannot_touch_the_retry(db, user_agent) -> None:
     job = await job_in(user_agent, "failed")
-    retried = await queue.retry_job(job.id)
-    retried = await queue.update_job_status(
+    retried = await jobs.retry_job(job.id)
+    retried = await jobs.update_job_status(
         retried.id, status="provisioning", attempt=2, workflow_run_id="run-2"
     )
     before = await snapshot(db, job.id)
     for status in ("provisioning", "running", "failed"):
         with pytest.raises(errors.StaleAttemptError):
-            await queue.update_job_status(job.id, status=status, attempt=1)
+            await jobs.update_job_status(job.id, status=status, attempt=1)
     with pytest.raises(errors.StaleAttemptError):
-        await queue.record_heartbeat(job.id, attempt=1)
+        await jobs.record_heartbeat(job.id, attempt=1)
     assert await snapshot(db, job.id) == before
-    running = await queue.update_job_status(job.id, status="running", attempt=2)
+    running = await jobs.update_job_status(job.id, status="running", attempt=2)
     assert (running.status, running.attempt) == ("running", 2)
 
 
@@ -501,13 +502,13 @@ async def test_late_callback_from_previous_attempt_cannot_touch_the_retry(db, us
 async def test_heartbeat_on_provisioning_job(db, user_agent) -> None:
     job = await job_in(user_agent, "provisioning")
     events_before = await job_events(db, job.id)
-    beat = await queue.record_heartbeat(job.id, attempt=1)
+    beat = await jobs.record_heartbeat(job.id, attempt=1)
     row = await job_row(db, job.id)
     assert_job_matches_row(beat, row)
     assert beat.status == "provisioning"
     assert beat.last_heartbeat_at is not None and beat.last_heartbeat_at > job.claimed_at
     assert beat.updated_at == beat.last_heartbeat_at
-    second = await queue.record_heartbeat(job.id, attempt=1)
+    second = await jobs.record_heartbeat(job.id, attempt=1)
     assert second.last_heartbeat_at > beat.last_heartbeat_at
     assert await job_events(db, job.id) == events_before  # heartbeats are not transitions
 
@@ -517,7 +518,7 @@ async def test_heartbeat_only_while_provisioning(db, user_agent, status) -> None
     job = await job_in(user_agent, status)
     before = await snapshot(db, job.id)
     with pytest.raises(errors.InvalidTransitionError) as info:
-        await queue.record_heartbeat(job.id, attempt=1)
+        await jobs.record_heartbeat(job.id, attempt=1)
     assert info.value.extra == {"reason": "invalid_transition", "current_status": status}
     assert await snapshot(db, job.id) == before
 
@@ -527,14 +528,14 @@ async def test_heartbeat_stale_attempt(db, user_agent, status) -> None:
     job = await job_in(user_agent, status)
     before = await snapshot(db, job.id)
     with pytest.raises(errors.StaleAttemptError) as info:
-        await queue.record_heartbeat(job.id, attempt=2)
+        await jobs.record_heartbeat(job.id, attempt=2)
     assert info.value.extra == {"reason": "stale_attempt", "current_attempt": 1, "attempt": 2}
     assert await snapshot(db, job.id) == before
 
 
 async def test_heartbeat_unknown_job(db) -> None:
     with pytest.raises(errors.NotFoundError):
-        await queue.record_heartbeat(uuid.uuid4(), attempt=1)
+        await jobs.record_heartbeat(uuid.uuid4(), attempt=1)
 
 
 # --------------------------------------------------------------------------- retry
@@ -542,9 +543,9 @@ async def test_heartbeat_unknown_job(db) -> None:
 
 async def test_retry_requeues_as_next_attempt_and_clears_previous_run(db, user_agent) -> None:
     job = await enqueue(user_agent)
-    await queue.update_job_status(job.id, status="provisioning", attempt=1, workflow_run_id="run-1")
-    await queue.record_heartbeat(job.id, attempt=1)
-    failed = await queue.update_job_status(
+    await jobs.update_job_status(job.id, status="provisioning", attempt=1, workflow_run_id="run-1")
+    await jobs.record_heartbeat(job.id, attempt=1)
+    failed = await jobs.update_job_status(
         job.id, status="failed", attempt=1, error="disk", failed_step="attach"
     )
     assert None not in (
@@ -557,7 +558,7 @@ async def test_retry_requeues_as_next_attempt_and_clears_previous_run(db, user_a
         failed.workflow_run_id,
     )
     queued_at_before = (await job_row(db, job.id))["queued_at"]
-    retried = await queue.retry_job(job.id)
+    retried = await jobs.retry_job(job.id)
     row = await job_row(db, job.id)
     assert_job_matches_row(retried, row)
     assert retried.status == "queued"
@@ -582,7 +583,7 @@ async def test_retry_requeues_as_next_attempt_and_clears_previous_run(db, user_a
 
 async def test_retry_actor_and_reason(db, user_agent) -> None:
     job = await job_in(user_agent, "failed")
-    await queue.retry_job(job.id, actor="operator:erin", reason="customer asked")
+    await jobs.retry_job(job.id, actor="operator:erin", reason="customer asked")
     event = (await job_events(db, job.id))[-1]
     assert (event["actor"], event["reason"]) == ("operator:erin", "customer asked")
 
@@ -593,7 +594,7 @@ async def test_retry_only_from_failed(db, user_agent, status) -> None:
     before = await snapshot(db, job.id)
     for grant in (False, True):
         with pytest.raises(errors.InvalidTransitionError) as info:
-            await queue.retry_job(job.id, grant_extra_attempt=grant)
+            await jobs.retry_job(job.id, grant_extra_attempt=grant)
         assert type(info.value) is errors.InvalidTransitionError
         assert info.value.extra == {"current_status": status}
     assert await snapshot(db, job.id) == before
@@ -601,29 +602,29 @@ async def test_retry_only_from_failed(db, user_agent, status) -> None:
 
 async def test_retry_unknown_job(db) -> None:
     with pytest.raises(errors.NotFoundError):
-        await queue.retry_job(uuid.uuid4())
+        await jobs.retry_job(uuid.uuid4())
 
 
 async def fail_current_attempt(job_id: uuid.UUID, attempt: int) -> Job:
-    await queue.update_job_status(job_id, status="provisioning", attempt=attempt)
-    return await queue.update_job_status(job_id, status="failed", attempt=attempt, error="e")
+    await jobs.update_job_status(job_id, status="provisioning", attempt=attempt)
+    return await jobs.update_job_status(job_id, status="failed", attempt=attempt, error="e")
 
 
 async def test_retries_exhausted_then_operator_grants_one_more(db, user_agent) -> None:
     job = await enqueue(user_agent, max_retries=2)
     await fail_current_attempt(job.id, 1)
-    assert (await queue.retry_job(job.id)).attempt == 2
+    assert (await jobs.retry_job(job.id)).attempt == 2
     await fail_current_attempt(job.id, 2)
-    assert (await queue.retry_job(job.id)).attempt == 3
+    assert (await jobs.retry_job(job.id)).attempt == 3
     failed = await fail_current_attempt(job.id, 3)
     assert (failed.retry_count, failed.max_retries) == (2, 2)
     before = await snapshot(db, job.id)
     with pytest.raises(errors.RetriesExhaustedError) as info:
-        await queue.retry_job(job.id)
+        await jobs.retry_job(job.id)
     assert info.value.extra == {"retry_count": 2, "max_retries": 2}
     assert await snapshot(db, job.id) == before
 
-    granted = await queue.retry_job(job.id, grant_extra_attempt=True, actor="operator:frank")
+    granted = await jobs.retry_job(job.id, grant_extra_attempt=True, actor="operator:frank")
     assert granted.status == "queued"
     assert (granted.retry_count, granted.max_retries, granted.attempt) == (3, 3, 4)
     event = (await job_events(db, job.id))[-1]
@@ -633,16 +634,16 @@ async def test_retries_exhausted_then_operator_grants_one_more(db, user_agent) -
 
 async def test_zero_retry_budget(db, user_agent) -> None:
     job = await enqueue(user_agent, max_retries=0)
-    await queue.update_job_status(job.id, status="failed", attempt=1)
+    await jobs.update_job_status(job.id, status="failed", attempt=1)
     with pytest.raises(errors.RetriesExhaustedError):
-        await queue.retry_job(job.id)
-    granted = await queue.retry_job(job.id, grant_extra_attempt=True)
+        await jobs.retry_job(job.id)
+    granted = await jobs.retry_job(job.id, grant_extra_attempt=True)
     assert (granted.retry_count, granted.max_retries, granted.attempt) == (1, 1, 2)
 
 
 async def test_grant_extra_attempt_within_budget_keeps_max_retries(db, user_agent) -> None:
     job = await job_in(user_agent, "failed")
-    granted = await queue.retry_job(job.id, grant_extra_attempt=True)
+    granted = await jobs.retry_job(job.id, grant_extra_attempt=True)
     assert (granted.retry_count, granted.max_retries) == (1, 3)
 
 
@@ -651,16 +652,16 @@ async def test_retry_blocked_by_another_active_job(db, user_agent) -> None:
     active = await enqueue(user_agent, "evt_new")
     before = await snapshot(db, failed.id)
     with pytest.raises(errors.ConcurrentProvisionError) as info:
-        await queue.retry_job(failed.id)
+        await jobs.retry_job(failed.id)
     assert info.value.message == CONCURRENT_PROVISION_MESSAGE
     with pytest.raises(errors.ConcurrentProvisionError):
-        await queue.retry_job(failed.id, grant_extra_attempt=True)
+        await jobs.retry_job(failed.id, grant_extra_attempt=True)
     assert await snapshot(db, failed.id) == before
-    await queue.update_job_status(active.id, status="provisioning", attempt=1)
+    await jobs.update_job_status(active.id, status="provisioning", attempt=1)
     with pytest.raises(errors.ConcurrentProvisionError):
-        await queue.retry_job(failed.id)
-    await queue.update_job_status(active.id, status="running", attempt=1)
-    assert (await queue.retry_job(failed.id)).status == "queued"
+        await jobs.retry_job(failed.id)
+    await jobs.update_job_status(active.id, status="running", attempt=1)
+    assert (await jobs.retry_job(failed.id)).status == "queued"
 
 
 # --------------------------------------------------------------------------- timeouts
@@ -678,7 +679,7 @@ def seconds_in(pattern: re.Pattern[str] | str, text: str | None) -> int:
 async def test_heartbeat_timeout(db, user_agent) -> None:
     job = await job_in(user_agent, "provisioning")
     await age(db, job.id, claimed_at=1200, updated_at=1200)
-    assert await queue.check_job_timeout(job.id) is True
+    assert await jobs.check_job_timeout(job.id) is True
     row = await job_row(db, job.id)
     assert row["status"] == "failed"
     assert row["failure_reason"] == "heartbeat_timeout"
@@ -689,18 +690,18 @@ async def test_heartbeat_timeout(db, user_agent) -> None:
     assert (event["actor"], event["attempt"], event["reason"]) == ("system", 1, row["error"])
     # Done once: a second check has nothing to do and records nothing.
     events = await job_events(db, job.id)
-    assert await queue.check_job_timeout(job.id) is False
+    assert await jobs.check_job_timeout(job.id) is False
     assert await job_events(db, job.id) == events
 
 
 async def test_timeout_counts_from_last_heartbeat(db, user_agent) -> None:
     job = await job_in(user_agent, "provisioning")
-    await queue.record_heartbeat(job.id, attempt=1)
+    await jobs.record_heartbeat(job.id, attempt=1)
     await age(db, job.id, claimed_at=1800, last_heartbeat_at=60, updated_at=60)
-    assert await queue.check_job_timeout(job.id) is False
+    assert await jobs.check_job_timeout(job.id) is False
     assert (await job_row(db, job.id))["status"] == "provisioning"
     await age(db, job.id, last_heartbeat_at=1000)
-    assert await queue.check_job_timeout(job.id) is True
+    assert await jobs.check_job_timeout(job.id) is True
     row = await job_row(db, job.id)
     assert 1000 <= seconds_in(HEARTBEAT_ERROR, row["error"]) <= 1030
 
@@ -709,7 +710,7 @@ async def test_timeout_falls_back_to_updated_at(db, user_agent) -> None:
     job = await job_in(user_agent, "provisioning")
     await db.execute("UPDATE provisioning_jobs SET claimed_at = NULL WHERE id = $1", job.id)
     await age(db, job.id, updated_at=950)
-    assert await queue.check_job_timeout(job.id) is True
+    assert await jobs.check_job_timeout(job.id) is True
     row = await job_row(db, job.id)
     assert 950 <= seconds_in(HEARTBEAT_ERROR, row["error"]) <= 980
 
@@ -717,18 +718,18 @@ async def test_timeout_falls_back_to_updated_at(db, user_agent) -> None:
 async def test_default_heartbeat_timeout_boundary(db, user_agent) -> None:
     job = await job_in(user_agent, "provisioning")
     await age(db, job.id, claimed_at=14 * 60, updated_at=14 * 60)
-    assert await queue.check_job_timeout(job.id) is False
+    assert await jobs.check_job_timeout(job.id) is False
     await age(db, job.id, claimed_at=16 * 60, updated_at=16 * 60)
-    assert await queue.check_job_timeout(job.id) is True
+    assert await jobs.check_job_timeout(job.id) is True
 
 
 async def test_deadline_exceeded_despite_heartbeats(db, user_agent) -> None:
     job = await job_in(user_agent, "provisioning")
-    await queue.record_heartbeat(job.id, attempt=1)
+    await jobs.record_heartbeat(job.id, attempt=1)
     await age(db, job.id, claimed_at=3000, last_heartbeat_at=5, updated_at=5)
-    assert await queue.check_job_timeout(job.id) is False
+    assert await jobs.check_job_timeout(job.id) is False
     await age(db, job.id, claimed_at=7200)
-    assert await queue.check_job_timeout(job.id) is True
+    assert await jobs.check_job_timeout(job.id) is True
     row = await job_row(db, job.id)
     assert (row["status"], row["failure_reason"]) == ("failed", "deadline_exceeded")
     n = seconds_in(r"Deadline exceeded: provisioning for (\d+)s", row["error"])
@@ -744,9 +745,9 @@ async def test_deadline_exceeded_despite_heartbeats(db, user_agent) -> None:
 async def test_queue_timeout(db, user_agent) -> None:
     job = await enqueue(user_agent)
     await age(db, job.id, queued_at=600, created_at=600, updated_at=600)
-    assert await queue.check_job_timeout(job.id) is False
+    assert await jobs.check_job_timeout(job.id) is False
     await age(db, job.id, queued_at=1000, created_at=1000, updated_at=1000)
-    assert await queue.check_job_timeout(job.id) is True
+    assert await jobs.check_job_timeout(job.id) is True
     row = await job_row(db, job.id)
     assert (row["status"], row["failure_reason"]) == ("failed", "queue_timeout")
     assert 1000 <= seconds_in(r"Queue timeout: queued for (\d+)s", row["error"]) <= 1030
@@ -763,9 +764,9 @@ async def test_queue_timeout(db, user_agent) -> None:
 async def test_queue_timeout_counts_from_requeue_not_creation(db, user_agent) -> None:
     job = await job_in(user_agent, "failed")
     await age(db, job.id, created_at=7200, queued_at=7200)
-    await queue.retry_job(job.id)
+    await jobs.retry_job(job.id)
     await age(db, job.id, updated_at=7200)
-    assert await queue.check_job_timeout(job.id) is False
+    assert await jobs.check_job_timeout(job.id) is False
     assert (await job_row(db, job.id))["status"] == "queued"
 
 
@@ -782,35 +783,35 @@ async def test_finished_jobs_never_time_out(db, user_agent, status) -> None:
         created_at=99999,
     )
     before = await snapshot(db, job.id)
-    assert await queue.check_job_timeout(job.id) is False
-    assert await queue.sweep_stale_jobs() == []
+    assert await jobs.check_job_timeout(job.id) is False
+    assert await jobs.sweep_stale_jobs() == []
     assert await snapshot(db, job.id) == before
 
 
 async def test_check_job_timeout_unknown_job(db) -> None:
     with pytest.raises(errors.NotFoundError):
-        await queue.check_job_timeout(uuid.uuid4())
+        await jobs.check_job_timeout(uuid.uuid4())
 
 
 async def test_get_job(db, user_agent) -> None:
     job = await job_in(user_agent, "provisioning")
-    fetched = await queue.get_job(job.id)
+    fetched = await jobs.get_job(job.id)
     assert fetched == job
     await age(db, job.id, claimed_at=1200, updated_at=1200)
-    failed = await queue.get_job(job.id)  # the on-read check fails the stale job
+    failed = await jobs.get_job(job.id)  # the on-read check fails the stale job
     assert failed.status == "failed"
     assert failed.failure_reason == "heartbeat_timeout"
     assert_job_matches_row(failed, await job_row(db, job.id))
     assert (await job_events(db, job.id))[-1]["actor"] == "system"
     with pytest.raises(errors.NotFoundError):
-        await queue.get_job(uuid.uuid4())
+        await jobs.get_job(uuid.uuid4())
 
 
 async def test_sweep_fails_every_stale_job_and_nothing_else(db) -> None:
     stale_heartbeat = await job_in(await new_user_agent(), "provisioning", "e1")
     await age(db, stale_heartbeat.id, claimed_at=1200, updated_at=1200)
     stale_deadline = await job_in(await new_user_agent(), "provisioning", "e2")
-    await queue.record_heartbeat(stale_deadline.id, attempt=1)
+    await jobs.record_heartbeat(stale_deadline.id, attempt=1)
     await age(db, stale_deadline.id, claimed_at=4000, last_heartbeat_at=10, updated_at=10)
     stale_queued = await job_in(await new_user_agent(), "queued", "e3")
     await age(db, stale_queued.id, queued_at=1000, updated_at=1000)
@@ -822,7 +823,7 @@ async def test_sweep_fails_every_stale_job_and_nothing_else(db) -> None:
     before = {job_id: await snapshot(db, job_id) for job_id in untouched}
     events_before = await count(db, "job_events")
 
-    swept = await queue.sweep_stale_jobs()
+    swept = await jobs.sweep_stale_jobs()
 
     reasons = {job.id: job.failure_reason for job in swept}
     assert reasons == {
@@ -841,7 +842,7 @@ async def test_sweep_fails_every_stale_job_and_nothing_else(db) -> None:
         )
     assert await count(db, "job_events") == events_before + 3
     assert {job_id: await snapshot(db, job_id) for job_id in untouched} == before
-    assert await queue.sweep_stale_jobs() == []
+    assert await jobs.sweep_stale_jobs() == []
     assert await count(db, "job_events") == events_before + 3
 
 
@@ -852,7 +853,7 @@ async def test_sweep_in_batches(db, batch_size) -> None:
         job = await job_in(await new_user_agent(), "provisioning", f"e{i}")
         await age(db, job.id, claimed_at=1200, updated_at=1200)
         ids.add(job.id)
-    swept = await queue.sweep_stale_jobs(batch_size=batch_size)
+    swept = await jobs.sweep_stale_jobs(batch_size=batch_size)
     assert {job.id for job in swept} == ids
     assert len(swept) == 3
     assert await db.fetchval("SELECT count(*) FROM job_events WHERE actor = 'system'") == 3
@@ -861,33 +862,33 @@ async def test_sweep_in_batches(db, batch_size) -> None:
 async def test_heartbeat_after_timeout_but_before_sweep_keeps_job(db, user_agent) -> None:
     job = await job_in(user_agent, "provisioning")
     await age(db, job.id, claimed_at=1200, updated_at=1200)
-    beat = await queue.record_heartbeat(job.id, attempt=1)
+    beat = await jobs.record_heartbeat(job.id, attempt=1)
     assert beat.status == "provisioning"
-    assert await queue.sweep_stale_jobs() == []
-    assert await queue.check_job_timeout(job.id) is False
+    assert await jobs.sweep_stale_jobs() == []
+    assert await jobs.check_job_timeout(job.id) is False
     assert (await job_row(db, job.id))["status"] == "provisioning"
-    assert (await queue.update_job_status(job.id, status="running", attempt=1)).status == "running"
+    assert (await jobs.update_job_status(job.id, status="running", attempt=1)).status == "running"
 
 
 async def test_timeouts_come_from_settings(db, user_agent, monkeypatch) -> None:
     short = msgspec.structs.replace(
         get_settings(), job_timeout_seconds=60, job_deadline_seconds=300, queue_timeout_seconds=30
     )
-    monkeypatch.setattr(queue, "get_settings", lambda: short)
+    monkeypatch.setattr(jobs, "get_settings", lambda: short)
     job = await job_in(user_agent, "provisioning")
     await age(db, job.id, claimed_at=90, updated_at=90)
-    assert await queue.check_job_timeout(job.id) is True
+    assert await jobs.check_job_timeout(job.id) is True
     assert (await job_row(db, job.id))["failure_reason"] == "heartbeat_timeout"
 
     queued = await enqueue(user_agent, "evt_q")
     await age(db, queued.id, queued_at=45)
-    [swept] = await queue.sweep_stale_jobs()
+    [swept] = await jobs.sweep_stale_jobs()
     assert (swept.id, swept.failure_reason) == (queued.id, "queue_timeout")
 
     other = await job_in(user_agent, "provisioning", "evt_d")
-    await queue.record_heartbeat(other.id, attempt=1)
+    await jobs.record_heartbeat(other.id, attempt=1)
     await age(db, other.id, claimed_at=400, last_heartbeat_at=5, updated_at=5)
-    assert (await queue.get_job(other.id)).failure_reason == "deadline_exceeded"
+    assert (await jobs.get_job(other.id)).failure_reason == "deadline_exceeded"
 
 
 # --------------------------------------------------------------------------- reads
@@ -895,30 +896,30 @@ async def test_timeouts_come_from_settings(db, user_agent, monkeypatch) -> None:
 
 async def test_get_job_by_stripe_event_id(db, user_agent) -> None:
     job = await enqueue(user_agent, "evt_lookup")
-    assert await queue.get_job_by_stripe_event_id("evt_lookup") == job
-    assert await queue.get_job_by_stripe_event_id("evt_missing") is None
+    assert await jobs.get_job_by_stripe_event_id("evt_lookup") == job
+    assert await jobs.get_job_by_stripe_event_id("evt_missing") is None
 
 
 async def test_get_job_by_agent_id_returns_newest(db, user_agent) -> None:
     user_id, agent_id = user_agent
-    assert await queue.get_job_by_agent_id(agent_id) is None
+    assert await jobs.get_job_by_agent_id(agent_id) is None
     first = await job_in(user_agent, "failed", "evt_1")
     second = await enqueue(user_agent, "evt_2")
-    assert (await queue.get_job_by_agent_id(agent_id)).id == second.id
-    other_agent = await queue.create_agent(user_id, "other")
-    assert await queue.get_job_by_agent_id(other_agent.id) is None
+    assert (await jobs.get_job_by_agent_id(agent_id)).id == second.id
+    other_agent = await accounts.create_agent(user_id, "other")
+    assert await jobs.get_job_by_agent_id(other_agent.id) is None
     # Newest by created_at, not by insertion order.
     await age(db, second.id, created_at=3600)
-    assert (await queue.get_job_by_agent_id(agent_id)).id == first.id
-    assert await queue.get_job_by_agent_id(uuid.uuid4()) is None
+    assert (await jobs.get_job_by_agent_id(agent_id)).id == first.id
+    assert await jobs.get_job_by_agent_id(uuid.uuid4()) is None
 
 
 async def test_list_job_events_oldest_first(db, user_agent) -> None:
     job = await job_in(user_agent, "failed")
-    await queue.retry_job(job.id)
-    await queue.update_job_status(job.id, status="provisioning", attempt=2)
-    await queue.update_job_status(job.id, status="running", attempt=2)
-    events = await queue.list_job_events(job.id)
+    await jobs.retry_job(job.id)
+    await jobs.update_job_status(job.id, status="provisioning", attempt=2)
+    await jobs.update_job_status(job.id, status="running", attempt=2)
+    events = await jobs.list_job_events(job.id)
     assert [(e.from_status, e.to_status, e.attempt) for e in events] == [
         (None, "queued", 1),
         ("queued", "provisioning", 1),
@@ -937,14 +938,14 @@ async def test_list_job_events_oldest_first(db, user_agent) -> None:
 
 async def test_list_job_events_unknown_and_empty(db, user_agent) -> None:
     with pytest.raises(errors.NotFoundError):
-        await queue.list_job_events(uuid.uuid4())
+        await jobs.list_job_events(uuid.uuid4())
     user_id, agent_id = user_agent
     job_id = await db.fetchval(
         "INSERT INTO provisioning_jobs (agent_id, user_id) VALUES ($1, $2) RETURNING id",
         agent_id,
         user_id,
     )
-    assert await queue.list_job_events(job_id) == []
+    assert await jobs.list_job_events(job_id) == []
 
 
 async def _all_pages(**kwargs: Any) -> tuple[list[uuid.UUID], list[int]]:
@@ -952,7 +953,7 @@ async def _all_pages(**kwargs: Any) -> tuple[list[uuid.UUID], list[int]]:
     sizes: list[int] = []
     cursor = None
     for _ in range(100):
-        page = await queue.list_jobs(cursor=cursor, **kwargs)
+        page = await jobs.list_jobs(cursor=cursor, **kwargs)
         ids += [job.id for job in page.items]
         sizes.append(len(page.items))
         cursor = page.next_cursor
@@ -963,7 +964,7 @@ async def _all_pages(**kwargs: Any) -> tuple[list[uuid.UUID], list[int]]:
 
 async def test_list_jobs_keyset_paging_and_filters(db) -> None:
     user_1, agent_1a = await new_user_agent()
-    agent_1b = (await queue.create_agent(user_1, "b")).id
+    agent_1b = (await accounts.create_agent(user_1, "b")).id
     user_2, agent_2 = await new_user_agent()
     # Failed jobs (no one-active limit); created_at with ties, so the id breaks them.
     insert = """
@@ -1005,17 +1006,17 @@ async def test_list_jobs_keyset_paging_and_filters(db) -> None:
             # Exactly `limit` rows left: no further page is promised.
             if want and len(want) % limit == 0:
                 assert sizes[-1] == limit
-    assert (await queue.list_jobs(status=JobStatus.QUEUED)).items[0].id == queued.id
-    whole = await queue.list_jobs(limit=13)
+    assert (await jobs.list_jobs(status=JobStatus.QUEUED)).items[0].id == queued.id
+    whole = await jobs.list_jobs(limit=13)
     assert len(whole.items) == 13 and whole.next_cursor is None
-    first = await queue.list_jobs(limit=12)
+    first = await jobs.list_jobs(limit=12)
     assert first.next_cursor is not None
-    rest = await queue.list_jobs(limit=12, cursor=first.next_cursor)
+    rest = await jobs.list_jobs(limit=12, cursor=first.next_cursor)
     assert len(rest.items) == 1 and rest.next_cursor is None
 
 
 async def test_list_jobs_empty(db) -> None:
-    page = await queue.list_jobs()
+    page = await jobs.list_jobs()
     assert page.items == [] and page.next_cursor is None
 
 
@@ -1039,19 +1040,19 @@ def _b64(raw: bytes) -> str:
 )
 async def test_list_jobs_bad_cursor(db, cursor) -> None:
     with pytest.raises(errors.BadRequestError):
-        await queue.list_jobs(cursor=cursor)
+        await jobs.list_jobs(cursor=cursor)
 
 
 async def test_operator_fail_refuses_an_already_failed_job(user_agent, db):
     user_id, agent_id = user_agent
     job = (
-        await queue.enqueue_provisioning_job(
+        await jobs.enqueue_provisioning_job(
             agent_id=agent_id, user_id=user_id, stripe_event_id="evt_op"
         )
     ).job
-    await queue.update_job_status(job.id, status="failed", attempt=1, error="boom")
+    await jobs.update_job_status(job.id, status="failed", attempt=1, error="boom")
     with pytest.raises(errors.InvalidTransitionError, match="already failed"):
-        await queue.update_job_status(
+        await jobs.update_job_status(
             job.id,
             status="failed",
             attempt=None,
@@ -1066,13 +1067,13 @@ async def test_operator_fail_refuses_an_already_failed_job(user_agent, db):
 
 async def test_list_jobs_refuses_a_limit_below_one(db):
     with pytest.raises(errors.BadRequestError):
-        await queue.list_jobs(limit=0)
+        await jobs.list_jobs(limit=0)
 
 
 async def test_bad_actor_is_a_domain_error(user_agent, db):
     user_id, agent_id = user_agent
     with pytest.raises(errors.BadRequestError, match="actor"):
-        await queue.enqueue_provisioning_job(
+        await jobs.enqueue_provisioning_job(
             agent_id=agent_id, user_id=user_id, stripe_event_id="evt_actor", actor="nobody"
         )
     assert await db.fetchval("SELECT count(*) FROM provisioning_jobs") == 0

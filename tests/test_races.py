@@ -21,11 +21,12 @@ from typing import Any
 import asyncpg
 import pytest
 
-from jobs_app import errors, queue
-from jobs_app.database import close_pool, get_engine, start_pool
-from jobs_app.lifecycle import CONCURRENT_PROVISION_MESSAGE
-from jobs_app.models import Job
-from jobs_app.settings import get_settings
+from jobs_app.core import errors
+from jobs_app.core.lifecycle import CONCURRENT_PROVISION_MESSAGE
+from jobs_app.core.models import Job
+from jobs_app.core.settings import get_settings
+from jobs_app.db.connector import close_pool, get_engine, start_pool
+from jobs_app.services import accounts, jobs
 
 N = 50
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,13 +53,13 @@ async def warm_pool(db: asyncpg.Connection) -> None:
 
 
 async def new_user_agent() -> tuple[uuid.UUID, uuid.UUID]:
-    user = await queue.create_user(f"race-{uuid.uuid4().hex}@example.com")
-    agent = await queue.create_agent(user.id, "agent")
+    user = await accounts.create_user(f"race-{uuid.uuid4().hex}@example.com")
+    agent = await accounts.create_agent(user.id, "agent")
     return user.id, agent.id
 
 
 async def enqueue(user_id: uuid.UUID, agent_id: uuid.UUID, event: str) -> Job:
-    result = await queue.enqueue_provisioning_job(
+    result = await jobs.enqueue_provisioning_job(
         agent_id=agent_id, user_id=user_id, stripe_event_id=event
     )
     return result.job
@@ -66,13 +67,13 @@ async def enqueue(user_id: uuid.UUID, agent_id: uuid.UUID, event: str) -> Job:
 
 async def failed_job(user_id: uuid.UUID, agent_id: uuid.UUID, event: str) -> Job:
     job = await enqueue(user_id, agent_id, event)
-    await queue.update_job_status(job.id, status="provisioning", attempt=1)
-    return await queue.update_job_status(job.id, status="failed", attempt=1, error="boom")
+    await jobs.update_job_status(job.id, status="provisioning", attempt=1)
+    return await jobs.update_job_status(job.id, status="failed", attempt=1, error="boom")
 
 
 async def provisioning_job(user_id: uuid.UUID, agent_id: uuid.UUID, event: str) -> Job:
     job = await enqueue(user_id, agent_id, event)
-    return await queue.update_job_status(job.id, status="provisioning", attempt=1)
+    return await jobs.update_job_status(job.id, status="provisioning", attempt=1)
 
 
 async def events_of(db: asyncpg.Connection, job_id: uuid.UUID) -> list[asyncpg.Record]:
@@ -96,7 +97,7 @@ async def test_same_event_enqueued_50_times_at_once(db) -> None:
         event = f"evt_same_{round_}"
         outcomes = await asyncio.gather(
             *(
-                queue.enqueue_provisioning_job(
+                jobs.enqueue_provisioning_job(
                     agent_id=agent_id, user_id=user_id, stripe_event_id=event
                 )
                 for _ in range(N)
@@ -122,7 +123,7 @@ async def test_different_events_for_one_user_enqueued_at_once(db) -> None:
         user_id, agent_id = await new_user_agent()
         outcomes = await asyncio.gather(
             *(
-                queue.enqueue_provisioning_job(
+                jobs.enqueue_provisioning_job(
                     agent_id=agent_id, user_id=user_id, stripe_event_id=f"evt_{round_}_{i}"
                 )
                 for i in range(N)
@@ -152,12 +153,13 @@ async def test_different_events_for_one_user_enqueued_at_once(db) -> None:
 _CHILD = """
 import asyncio, json, os, sys, uuid
 import asyncpg
-from jobs_app import database, queue
+from jobs_app.db import connector
+from jobs_app.services import jobs
 
 async def main():
     user_id, agent_id, event, calls, gate_key = sys.argv[1:]
-    await database.start_pool()
-    pool = database.get_engine().pool
+    await connector.start_pool()
+    pool = connector.get_engine().pool
     conns = [await pool.acquire() for _ in range(int(calls))]
     for conn in conns:
         await pool.release(conn)
@@ -165,14 +167,14 @@ async def main():
     print("ready", flush=True)
     await gate.execute("SELECT pg_advisory_lock_shared($1)", int(gate_key))
     outcomes = await asyncio.gather(*(
-        queue.enqueue_provisioning_job(
+        jobs.enqueue_provisioning_job(
             agent_id=uuid.UUID(agent_id), user_id=uuid.UUID(user_id), stripe_event_id=event)
         for _ in range(int(calls))), return_exceptions=True)
     print(json.dumps([
         [type(o).__name__] if isinstance(o, BaseException) else [o.created, str(o.job.id)]
         for o in outcomes]), flush=True)
     await gate.close()
-    await database.close_pool()
+    await connector.close_pool()
 
 asyncio.run(main())
 """
@@ -229,7 +231,7 @@ async def test_same_failed_job_retried_50_times_at_once(db) -> None:
         user_id, agent_id = await new_user_agent()
         job = await failed_job(user_id, agent_id, f"evt_retry_{round_}")
         outcomes = await asyncio.gather(
-            *(queue.retry_job(job.id) for _ in range(N)), return_exceptions=True
+            *(jobs.retry_job(job.id) for _ in range(N)), return_exceptions=True
         )
         # Exactly InvalidTransitionError, not its RetriesExhaustedError subclass: the
         # losers find the job no longer failed.
@@ -252,7 +254,7 @@ async def test_two_failed_jobs_of_one_user_retried_at_once(db) -> None:
         second = await failed_job(user_id, agent_id, f"evt_b_{round_}")
         targets = [first.id, second.id] * (N // 2)
         outcomes = await asyncio.gather(
-            *(queue.retry_job(job_id) for job_id in targets), return_exceptions=True
+            *(jobs.retry_job(job_id) for job_id in targets), return_exceptions=True
         )
         assert kinds(outcomes)["ok"] == 1, outcomes
         [winner] = [o for o in outcomes if not isinstance(o, BaseException)]
@@ -281,8 +283,8 @@ async def test_running_and_failed_at_once(db) -> None:
         user_id, agent_id = await new_user_agent()
         job = await provisioning_job(user_id, agent_id, f"evt_rf_{round_}")
         outcomes = await asyncio.gather(
-            queue.update_job_status(job.id, status="running", attempt=1),
-            queue.update_job_status(job.id, status="failed", attempt=1, error="x"),
+            jobs.update_job_status(job.id, status="running", attempt=1),
+            jobs.update_job_status(job.id, status="failed", attempt=1, error="x"),
             return_exceptions=True,
         )
         assert kinds(outcomes) == {"ok": 1, "InvalidTransitionError": 1}, outcomes
@@ -303,7 +305,7 @@ async def test_many_running_and_failed_callbacks_at_once(db) -> None:
     job = await provisioning_job(user_id, agent_id, "evt_many")
     wanted = ["running", "failed"] * (N // 2)
     outcomes = await asyncio.gather(
-        *(queue.update_job_status(job.id, status=s, attempt=1, error="x") for s in wanted),
+        *(jobs.update_job_status(job.id, status=s, attempt=1, error="x") for s in wanted),
         return_exceptions=True,
     )
     final = await db.fetchval("SELECT status FROM provisioning_jobs WHERE id = $1", job.id)
@@ -364,8 +366,8 @@ async def test_sweeper_vs_heartbeat_at_the_timeout(db) -> None:
     for round_ in range(10):
         job = await _job_at_its_timeout(db, f"evt_sweep_{round_}")
         swept, beat = await asyncio.gather(
-            queue.sweep_stale_jobs(),
-            queue.record_heartbeat(job.id, attempt=1),
+            jobs.sweep_stale_jobs(),
+            jobs.record_heartbeat(job.id, attempt=1),
             return_exceptions=True,
         )
         assert isinstance(swept, list), swept
@@ -379,8 +381,8 @@ async def test_sweepers_checks_and_heartbeats_at_the_timeout(db) -> None:
         job = await _job_at_its_timeout(db, f"evt_mix_{round_}")
         calls: list[Any] = []
         for _ in range(3):
-            calls += [queue.sweep_stale_jobs(), queue.check_job_timeout(job.id)]
-            calls += [queue.record_heartbeat(job.id, attempt=1) for _ in range(4)]
+            calls += [jobs.sweep_stale_jobs(), jobs.check_job_timeout(job.id)]
+            calls += [jobs.record_heartbeat(job.id, attempt=1) for _ in range(4)]
         outcomes = await asyncio.gather(*calls, return_exceptions=True)
         sweeps = outcomes[0::6] + outcomes[1::6]
         assert not any(isinstance(o, BaseException) for o in sweeps), sweeps

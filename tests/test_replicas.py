@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from jobs_app.http.auth import sign
+from jobs_app.core.signing import sign
 from tests.conftest import API_HEADERS, CALLBACK_SECRET, LoggedServer, record_figure
 
 REPLICAS = 4

@@ -10,7 +10,7 @@ import asyncpg
 import pytest
 
 from bench import seed
-from jobs_app.lifecycle import RETRY_SOURCES, TRANSITIONS, JobStatus
+from jobs_app.core.lifecycle import RETRY_SOURCES, TRANSITIONS, JobStatus
 
 STATUSES = [s.value for s in JobStatus]
 # What the lifecycle allows: the status callbacks' transitions plus retry (failed -> queued).

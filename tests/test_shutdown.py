@@ -26,8 +26,8 @@ from typing import Any
 import asyncpg
 import httpx
 
-from jobs_app import queue
-from jobs_app.http.auth import sign
+from jobs_app.core.signing import sign
+from jobs_app.services import accounts, jobs
 from tests.conftest import API_HEADERS, CALLBACK_SECRET, LoggedServer, free_port, record_figure
 from tests.github_standin import github_env
 
@@ -185,13 +185,13 @@ async def test_rolling_restart_of_two_replicas_loses_no_acknowledged_request(
     # One job per restart, provisioning, whose heartbeat the test pins in flight.
     pinned = []
     for _ in range(2):
-        user = await queue.create_user(f"pinned-{uuid.uuid4().hex[:8]}@example.com")
-        agent = await queue.create_agent(user.id, "agent")
-        enqueued = await queue.enqueue_provisioning_job(
+        user = await accounts.create_user(f"pinned-{uuid.uuid4().hex[:8]}@example.com")
+        agent = await accounts.create_agent(user.id, "agent")
+        enqueued = await jobs.enqueue_provisioning_job(
             agent_id=agent.id, user_id=user.id, stripe_event_id=f"evt_pin_{uuid.uuid4().hex}"
         )
         job = enqueued.job
-        await queue.update_job_status(job.id, status="provisioning", attempt=1)
+        await jobs.update_job_status(job.id, status="provisioning", attempt=1)
         pinned.append(job.id)
 
     acked: dict[str, Any] = {}
@@ -203,8 +203,8 @@ async def test_rolling_restart_of_two_replicas_loses_no_acknowledged_request(
         async def worker() -> None:
             """Workflows, one after another, until the restarts are over."""
             while not done.is_set():
-                user = await queue.create_user(f"roll-{uuid.uuid4().hex}@example.com")
-                agent = await queue.create_agent(user.id, "agent")
+                user = await accounts.create_user(f"roll-{uuid.uuid4().hex}@example.com")
+                agent = await accounts.create_agent(user.id, "agent")
                 await _workflow(fleet, str(user.id), str(agent.id), acked)
 
         workers = [asyncio.create_task(worker()) for _ in range(WORKERS)]

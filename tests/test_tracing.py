@@ -19,8 +19,9 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from jobs_app import observability, queue, sweeper
-from jobs_app.observability import tracing
+from jobs_app.core import tracing
+from jobs_app.loops import sweeper
+from jobs_app.services import jobs
 from tests.http_helpers import callback
 
 
@@ -29,11 +30,11 @@ def spans() -> Iterator[InMemorySpanExporter]:
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    assert observability.configure_tracing(provider) is provider
+    assert tracing.configure_tracing(provider) is provider
     try:
         yield exporter
     finally:
-        observability.shutdown_tracing()
+        tracing.shutdown_tracing()
 
 
 @pytest.fixture
@@ -69,7 +70,7 @@ async def test_a_signed_callback_is_an_http_span_with_its_sql_as_children(
 ):
     user_id, agent_id = user_agent
     job = (
-        await queue.enqueue_provisioning_job(
+        await jobs.enqueue_provisioning_job(
             agent_id=agent_id, user_id=user_id, stripe_event_id="evt_traced"
         )
     ).job
@@ -128,7 +129,7 @@ def loopback_server() -> Iterator[str]:
 
 async def test_a_round_span_parents_the_http_calls_made_in_it(spans, loopback_server):
     async with httpx.AsyncClient() as client:
-        with observability.round_span("dispatch.round", replica="r1") as round_:
+        with tracing.round_span("dispatch.round", replica="r1") as round_:
             assert round_ is not None
             assert tracing.current_trace_ids()["span_id"] == trace.format_span_id(
                 round_.get_span_context().span_id
@@ -168,7 +169,7 @@ def test_tracing_is_off_unless_the_standard_variables_ask_for_it():
     endpoint = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}
     assert not tracing.wanted({**endpoint, "OTEL_SDK_DISABLED": "true"})
     # Off: round spans cost nothing and yield no span.
-    with observability.round_span("sweeper.round") as span:
+    with tracing.round_span("sweeper.round") as span:
         assert span is None
 
 
@@ -179,13 +180,13 @@ async def test_one_dispatch_is_a_github_request_span_under_the_dispatchers(
     client spans of its GitHub calls (the installation token and the dispatch POST)."""
     import msgspec
 
-    from jobs_app.dispatch.dispatcher import Dispatcher
-    from jobs_app.dispatch.github import GitHubProvisioner
-    from jobs_app.settings import get_settings
+    from jobs_app.core.settings import get_settings
+    from jobs_app.loops.dispatcher import Dispatcher
+    from jobs_app.loops.provisioners.github import GitHubProvisioner
 
     standin = start_github_standin()
     user_id, agent_id = user_agent
-    await queue.enqueue_provisioning_job(
+    await jobs.enqueue_provisioning_job(
         agent_id=agent_id, user_id=user_id, stripe_event_id="evt_traced"
     )
     provisioner = GitHubProvisioner(

@@ -20,9 +20,9 @@ import httpx
 import pytest
 import yaml
 
-from jobs_app.dispatch.github import GitHubProvisioner
-from jobs_app.dispatch.provisioner import DispatchRequest, Outcome
-from jobs_app.dispatch.simulated import SimulatedProvisioner
+from jobs_app.core.provisioning import DispatchRequest, Outcome
+from jobs_app.loops.provisioners.github import GitHubProvisioner
+from jobs_app.loops.provisioners.simulated import SimulatedProvisioner
 from jobs_app.workflow import callback_client
 from tests.conftest import API_HEADERS, CALLBACK_SECRET, TEST_DATABASE_URL, LoggedServer
 from tests.github_standin import WORKFLOW_INPUTS, GitHubStandIn, RunnerConfig
@@ -248,7 +248,7 @@ async def test_cli_heartbeat_loop_beats_until_killed_and_stops_on_409(
 async def test_the_simulated_provisioner_drives_a_job_to_running(
     server: LoggedServer, api: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level("INFO", logger="jobs_app.dispatch.simulated")
+    caplog.set_level("INFO", logger="jobs_app.provisioners.simulated")
     job = await make_job(api)
     provisioner = SimulatedProvisioner(
         secret=CALLBACK_SECRET, start_delay=0.0, heartbeats=2, interval=0.05

@@ -12,18 +12,19 @@ from litestar import Controller, post
 from litestar.params import FromPath, JSONBody
 from litestar.status_codes import HTTP_200_OK, HTTP_204_NO_CONTENT
 
-from jobs_app import queue
+from jobs_app.core.lifecycle import Actor
+from jobs_app.core.logs import bind_job, get_logger
+from jobs_app.core.provisioning import CALLBACKS_PATH
 from jobs_app.http.auth import require_signature
 from jobs_app.http.errors import error_responses
 from jobs_app.http.schemas import Heartbeat, Job, StatusCallback
-from jobs_app.lifecycle import Actor
-from jobs_app.observability import bind_job, get_logger
+from jobs_app.services import jobs
 
 log = get_logger("jobs_app.callbacks")
 
 
 class CallbackController(Controller):
-    path = "/api/callbacks/jobs"
+    path = CALLBACKS_PATH
     guards = [require_signature]  # noqa: RUF012
     tags = ["workflow callbacks"]  # noqa: RUF012
 
@@ -47,7 +48,7 @@ class CallbackController(Controller):
             dispatch_id=data.dispatch_id,
             workflow_run_id=data.workflow_run_id,
         )
-        job = await queue.update_job_status(
+        job = await jobs.update_job_status(
             job_id,
             status=data.status,
             attempt=data.attempt,
@@ -74,7 +75,7 @@ class CallbackController(Controller):
     async def heartbeat(self, job_id: FromPath[UUID], data: JSONBody[Heartbeat]) -> None:
         """A sign of life from the workflow running this attempt."""
         bind_job(job_id, data.attempt, dispatch_id=data.dispatch_id)
-        await queue.record_heartbeat(
+        await jobs.record_heartbeat(
             job_id,
             attempt=data.attempt,
             dispatch_id=data.dispatch_id,

@@ -12,9 +12,9 @@ from litestar.openapi import ResponseSpec
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from litestar.types import ExceptionHandlersMap
 
-from jobs_app import errors
+from jobs_app.core import errors
+from jobs_app.core.logs import get_logger
 from jobs_app.http.schemas import ErrorBody
-from jobs_app.observability import get_logger
 
 log = get_logger("jobs_app.http")
 

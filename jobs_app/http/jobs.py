@@ -10,8 +10,9 @@ from litestar.openapi import ResponseSpec
 from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED
 
-from jobs_app import dispatches, queue
-from jobs_app.errors import BadRequestError, NotFoundError
+from jobs_app.core.errors import BadRequestError, NotFoundError
+from jobs_app.core.lifecycle import Actor, JobStatus
+from jobs_app.core.logs import bind_job, get_logger
 from jobs_app.http.auth import require_api_token
 from jobs_app.http.errors import error_responses
 from jobs_app.http.schemas import (
@@ -25,8 +26,7 @@ from jobs_app.http.schemas import (
     JobPage,
     User,
 )
-from jobs_app.lifecycle import Actor, JobStatus
-from jobs_app.observability import bind_job, get_logger
+from jobs_app.services import accounts, dispatches, jobs
 
 log = get_logger("jobs_app.jobs")
 
@@ -51,7 +51,7 @@ class UserController(_DashboardController):
     @post(responses=error_responses(401, 409, 413))
     async def create_user(self, data: JSONBody[CreateUser]) -> User:
         """Create a customer account (email is unique)."""
-        return await queue.create_user(data.email)
+        return await accounts.create_user(data.email)
 
 
 class AgentController(_DashboardController):
@@ -61,12 +61,12 @@ class AgentController(_DashboardController):
     @post(responses=error_responses(401, 404, 413))
     async def create_agent(self, data: JSONBody[CreateAgent]) -> Agent:
         """Create an agent for a user."""
-        return await queue.create_agent(data.user_id, data.name)
+        return await accounts.create_agent(data.user_id, data.name)
 
     @get("/{agent_id:uuid}/job", responses=error_responses(401, 404))
     async def agent_job(self, agent_id: FromPath[UUID]) -> Job:
         """The agent's newest job."""
-        job = await queue.get_job_by_agent_id(agent_id)
+        job = await jobs.get_job_by_agent_id(agent_id)
         if job is None:
             raise NotFoundError("this agent has no job", agent_id=str(agent_id))
         return job
@@ -92,7 +92,7 @@ class JobController(_DashboardController):
         201 when created; 200 with the same job when the event was seen before;
         409 when the user already has a job in flight.
         """
-        result = await queue.enqueue_provisioning_job(
+        result = await jobs.enqueue_provisioning_job(
             agent_id=data.agent_id,
             user_id=data.user_id,
             stripe_event_id=data.stripe_event_id,
@@ -120,19 +120,19 @@ class JobController(_DashboardController):
         unknown = sorted(set(request.query_params) - _LIST_PARAMETERS)
         if unknown:
             raise BadRequestError("unknown query parameters", unknown=unknown)
-        return await queue.list_jobs(
+        return await jobs.list_jobs(
             user_id=user_id, agent_id=agent_id, status=status, limit=limit, cursor=cursor
         )
 
     @get("/{job_id:uuid}", responses=error_responses(401, 404))
     async def get_job(self, job_id: FromPath[UUID]) -> Job:
         """The job, after an on-demand timeout check (a stale job comes back failed)."""
-        return await queue.get_job(job_id)
+        return await jobs.get_job(job_id)
 
     @get("/{job_id:uuid}/events", responses=error_responses(401, 404))
     async def job_events(self, job_id: FromPath[UUID]) -> EventList:
         """The job's history, oldest first."""
-        return EventList(items=await queue.list_job_events(job_id))
+        return EventList(items=await jobs.list_job_events(job_id))
 
     @get("/{job_id:uuid}/dispatches", responses=error_responses(401, 404))
     async def job_dispatches(self, job_id: FromPath[UUID]) -> DispatchList:
@@ -146,7 +146,7 @@ class JobController(_DashboardController):
     async def retry_job(self, job_id: FromPath[UUID]) -> Job:
         """Re-queue a failed job as its next attempt (409 if not failed, retries
         exhausted, or the user has another job in flight)."""
-        job = await queue.retry_job(job_id, actor=Actor.API)
+        job = await jobs.retry_job(job_id, actor=Actor.API)
         bind_job(job.id, job.attempt)
         log.info("job retried", status=job.status)
         return job

@@ -7,8 +7,9 @@ from litestar import MediaType, Response, get
 from litestar.datastructures import State
 from litestar.openapi import ResponseSpec
 
-from jobs_app import database, metrics
-from jobs_app.dispatch.dispatcher import DispatcherHealth
+from jobs_app.core import metrics
+from jobs_app.db import connector
+from jobs_app.loops.dispatcher import DispatcherHealth
 
 
 class Health(msgspec.Struct, omit_defaults=True):
@@ -28,7 +29,7 @@ async def health(state: State) -> Response[Health]:
     """200 when PostgreSQL answers, 503 when it does not; and the dispatcher's state."""
     dispatcher = state.get("dispatcher")
     dispatching = None if dispatcher is None else dispatcher.health()
-    if await database.ping():
+    if await connector.ping():
         return Response(Health(status="ok", database="up", dispatcher=dispatching))
     return Response(
         Health(status="unavailable", database="down", dispatcher=dispatching), status_code=503

@@ -10,8 +10,8 @@ from uuid import UUID
 import msgspec
 from msgspec import Meta
 
-from jobs_app.lifecycle import JobStatus
-from jobs_app.models import Agent, Dispatch, Job, JobEvent, JobPage, User
+from jobs_app.core.lifecycle import JobStatus
+from jobs_app.core.models import Agent, Dispatch, Job, JobEvent, JobPage, User
 
 __all__ = [
     "Agent",

@@ -11,12 +11,13 @@ from litestar import Request, post
 from litestar.exceptions import HTTPException
 from litestar.status_codes import HTTP_200_OK
 
-from jobs_app import errors, metrics, queue
+from jobs_app.core import errors, metrics
+from jobs_app.core.lifecycle import Actor
+from jobs_app.core.logs import bind_job, get_logger
 from jobs_app.http.auth import settings_of
 from jobs_app.http.errors import error_responses
 from jobs_app.http.schemas import Region, StripeEventId, WebhookResult
-from jobs_app.lifecycle import Actor
-from jobs_app.observability import bind_job, get_logger
+from jobs_app.services import jobs
 
 log = get_logger("jobs_app.webhooks")
 
@@ -87,7 +88,7 @@ async def stripe_webhook(request: Request[Any, Any, Any]) -> WebhookResult:
     except msgspec.ValidationError as exc:
         raise _reject("bad_metadata", f"checkout session metadata: {exc}", event.id) from None
     try:
-        result = await queue.enqueue_provisioning_job(
+        result = await jobs.enqueue_provisioning_job(
             agent_id=meta.agent_id,
             user_id=meta.user_id,
             stripe_event_id=event.id,

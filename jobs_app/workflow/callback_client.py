@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import json
 import os
-import random
 import sys
 from typing import Any
 from uuid import UUID
@@ -31,7 +30,8 @@ from uuid import UUID
 import httpx
 import msgspec
 
-from jobs_app.http.auth import SIGNATURE_HEADER, sign
+from jobs_app.core.backoff import full_jitter
+from jobs_app.core.signing import SIGNATURE_HEADER, sign
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -42,6 +42,7 @@ SECRET_ENV = "JOBS_CALLBACK_SECRET"
 URL_ENV = "JOBS_CALLBACK_URL"
 
 _TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
+MAX_BACKOFF_SECONDS = 30.0
 
 
 class CallbackResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -153,7 +154,7 @@ async def post_signed(
                 return result
         if tries > retries:
             return result
-        await asyncio.sleep(random.uniform(0, backoff * 2 ** (tries - 1)))
+        await asyncio.sleep(full_jitter(backoff, MAX_BACKOFF_SECONDS, tries - 1))
 
 
 async def send_status(

@@ -1,0 +1,168 @@
+"""The SQL rules every statement shares, each written once and named.
+
+Services build their statements from these blocks, so a rule (how a job fails, how an
+event is recorded, which runs an attempt leaves behind) lives in one place, and the
+state lists come from `jobs_app.core.lifecycle`. Adding a column to the job means the
+table, its migration, `Job` (core.models) and nothing here: the column list is Job's.
+
+Conventions: a block that reads rows takes the name of a CTE or table alias (`source`,
+`moved`); values come as `:named` parameters or SQL expressions written by our own code,
+never as text from a caller.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import asyncpg
+
+from jobs_app.core.lifecycle import (
+    TRANSITIONS,
+    WORKING_DISPATCH_STATES,
+    FailureReason,
+    JobStatus,
+)
+from jobs_app.core.models import Job
+
+# --------------------------------------------------------------------------- the job's row
+
+JOB_COLUMNS = ", ".join(Job.__struct_fields__)
+"""A job's columns in `Job`'s field order: every statement returns them so, and rows map
+onto the Struct positionally (`job_from_row`)."""
+
+
+def job_columns(alias: str) -> str:
+    """JOB_COLUMNS of the table aliased `alias`."""
+    return ", ".join(f"{alias}.{column}" for column in Job.__struct_fields__)
+
+
+def job_from_row(record: asyncpg.Record, offset: int = 0) -> Job:
+    """The Job of a row that holds JOB_COLUMNS from column `offset` on."""
+    return Job(*record[offset : offset + len(Job.__struct_fields__)])
+
+
+def sql_list(values: Iterable[str]) -> str:
+    """A literal IN-list of our own enum values (never input): `'queued', 'provisioning'`."""
+    return ", ".join(f"'{value}'" for value in values)
+
+
+# --------------------------------------------------------------------------- transitions
+
+
+def set_status(
+    to: JobStatus,
+    *,
+    error: str = "NULL",
+    failed_step: str = "NULL",
+    failure_reason: str = "NULL",
+) -> str:
+    """The SET clause that moves a row to `to`: the status, the timestamps the lifecycle
+    says the move stamps, and the failure's columns when it carries one (each an SQL
+    expression)."""
+    rule = TRANSITIONS[to]
+    sets = [f"status = '{to}'", *(f"{column} = now()" for column in rule.stamps)]
+    if rule.carries_failure:
+        sets += [
+            f"error = {error}",
+            f"failed_step = {failed_step}",
+            f"failure_reason = {failure_reason}",
+        ]
+    return ", ".join([*sets, "updated_at = now()"])
+
+
+def fail_jobs(
+    source: str,
+    *,
+    error: str,
+    failure_reason: FailureReason | str,
+    failed_step: str = "NULL",
+) -> str:
+    """Fail every job of `source` (rows locked by the caller, with `id` and `from_status`):
+    an UPDATE returning the job's columns and `from_status`, for `record_events`.
+
+    `failure_reason` is a FailureReason, or an SQL expression when it varies by row.
+    """
+    reason = f"'{failure_reason}'" if isinstance(failure_reason, FailureReason) else failure_reason
+    sets = set_status(JobStatus.FAILED, error=error, failed_step=failed_step, failure_reason=reason)
+    return f"""UPDATE provisioning_jobs AS j SET {sets}
+        FROM {source} WHERE j.id = {source}.id
+        RETURNING {job_columns("j")}, {source}.from_status"""
+
+
+def record_events(moved: str, *, actor: str, reason: str) -> str:
+    """Write one `job_events` row for each job of `moved` (job columns and `from_status`):
+    the history row of a transition, in the transition's own statement."""
+    return f"""INSERT INTO job_events (job_id, from_status, to_status, attempt, actor, reason)
+        SELECT id, from_status, status, attempt, {actor}, {reason} FROM {moved}"""
+
+
+# --------------------------------------------------------------------------- fencing
+
+
+def dispatch_issued(job: str) -> str:
+    """Whether `:dispatch_id` was issued for the current attempt of `job` (never NULL)."""
+    return f"""EXISTS (SELECT 1 FROM dispatches AS d WHERE d.id = CAST(:dispatch_id AS uuid)
+                   AND d.job_id = {job}.id AND d.attempt = {job}.attempt)"""
+
+
+def fence_ok(job: str, issued: str) -> str:
+    """Whether a callback naming `:dispatch_id` may move `job`'s attempt: it names none
+    (a run started by hand), the attempt is bound to it, or the attempt is unbound and
+    the dispatch was issued for it (`issued`, then the callback binds it).
+
+    A real boolean, never NULL: a NULL would refuse the move (as false does in a WHERE)
+    but also pass for "not refused" in a NOT, and a refused run would not be cancelled.
+    """
+    return f"""(CAST(:dispatch_id AS uuid) IS NULL
+                OR COALESCE({job}.dispatch_id = :dispatch_id, {issued}))"""
+
+
+# --------------------------------------------------------------------------- runs to cancel
+
+
+def cancel_runs(rows: str) -> str:
+    """Put runs up for cancellation, each once: `rows` selects (workflow_run_id, job_id,
+    dispatch_id, reason); a run already listed keeps its first reason."""
+    return f"""INSERT INTO run_cancellations (workflow_run_id, job_id, dispatch_id, reason)
+        {rows}
+        ON CONFLICT (workflow_run_id) DO NOTHING"""
+
+
+def cancel_attempt_runs(moved: str, reason: str, condition: str = "true") -> str:
+    """Cancel the runs of each job of `moved` (job columns) when it leaves its attempt
+    other than by its workflow's word (an operator, a timeout): every run its dispatches
+    started, and the run it was told of."""
+    return cancel_runs(
+        f"""SELECT DISTINCT ON (r.run_id) r.run_id, m.id, r.dispatch_id, {reason}
+        FROM {moved} AS m CROSS JOIN LATERAL (
+            SELECT d.workflow_run_id AS run_id, d.id AS dispatch_id FROM dispatches AS d
+            WHERE d.job_id = m.id AND d.attempt = m.attempt
+            UNION ALL SELECT m.workflow_run_id, NULL) AS r
+        WHERE r.run_id IS NOT NULL AND {condition}
+        ORDER BY r.run_id, r.dispatch_id NULLS LAST"""
+    )
+
+
+# --------------------------------------------------------------------------- dispatches
+
+RELEASE_LEASE = "lease_owner = NULL, lease_expires_at = NULL, updated_at = now()"
+"""SET clause: the dispatch is no longer being worked on by anyone."""
+LEASE_HELD = "id = :dispatch_id AND lease_owner = :owner"
+"""WHERE clause: the dispatch, only while `:owner` still holds its lease."""
+WORKING = sql_list(WORKING_DISPATCH_STATES)
+
+
+def record_try(
+    source: str,
+    *,
+    dispatch_id: str = "id",
+    kind: str = ":kind",
+    outcome: str = ":outcome",
+    where: str = "true",
+) -> str:
+    """Write a `dispatch_tries` row for each row of `source` (its dispatch in the column
+    `dispatch_id`): what one request to the provisioner came to."""
+    return f"""INSERT INTO dispatch_tries
+            (dispatch_id, kind, outcome, status_code, message, workflow_run_id)
+        SELECT {dispatch_id}, {kind}, {outcome}, :status_code, :message, :workflow_run_id
+        FROM {source} WHERE {where}"""

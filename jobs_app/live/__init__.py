@@ -1,1 +1,0 @@
-"""Live job updates: the LISTEN connection and the Server-Sent Events streams."""
