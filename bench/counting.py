@@ -29,11 +29,13 @@ class Tally:
     executes: int = 0
     prepares: int = 0
     simple_queries: int = 0
+    exchanges: int = 0
+    """psycopg's round trips (it does not tell executes from prepares here)."""
     statements: list[str] = field(default_factory=list)
 
     @property
     def round_trips(self) -> int:
-        return self.executes + self.prepares + self.simple_queries
+        return self.executes + self.prepares + self.simple_queries + self.exchanges
 
 
 _tally: contextvars.ContextVar[Tally | None] = contextvars.ContextVar("bench_tally", default=None)
@@ -98,3 +100,31 @@ class CountingConnection(asyncpg.Connection):  # type: ignore[misc]
             return executor(statement, timeout)
 
         return await super()._do_execute(query, counted, timeout, retry, **kwargs)
+
+
+def count_psycopg() -> bool:
+    """Count psycopg's round trips into the current tally from now on, process-wide.
+
+    psycopg sends every statement, BEGIN and COMMIT and then waits on one generator,
+    `execute(pgconn)`, which cursors import by name and connections look up on
+    `psycopg.generators`; both names are replaced by a counting wrapper. False when
+    this psycopg is laid out otherwise (nothing is patched then: "not counted").
+    """
+    try:
+        import psycopg._cursor_base as cursor_base
+        import psycopg.generators as generators
+    except ImportError:
+        return False
+    original = getattr(generators, "execute", None)
+    if original is None or getattr(cursor_base, "execute", None) is not original:
+        return False
+
+    def execute(pgconn: Any) -> Any:
+        tally = _tally.get()
+        if tally is not None:
+            tally.exchanges += 1
+        return (yield from original(pgconn))
+
+    generators.execute = execute
+    cursor_base.execute = execute
+    return True

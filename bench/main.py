@@ -28,7 +28,16 @@ from bench.context import Context
 from bench.loader import run_loop
 from bench.measure import Budget, rounded
 
-SECTIONS = ("service", "round_trips", "lifecycle", "http", "scale", "live", "dispatch")
+SECTIONS = (
+    "service",
+    "round_trips",
+    "lifecycle",
+    "http",
+    "scale",
+    "live",
+    "dispatch",
+    "peers",
+)
 DEFAULT_JSON = Path(__file__).resolve().parent / "results.json"
 
 
@@ -36,7 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
         description="Benchmarks: the service layer against raw asyncpg, round trips, full "
-        "lifecycles against the commit limit, HTTP against a bare Litestar app, and scale.",
+        "lifecycles against the commit limit, HTTP against a bare Litestar app, scale, live "
+        "updates, dispatch, and the full lifecycle beside pgqueuer and procrastinate.",
     )
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
     parser.add_argument(
@@ -47,6 +57,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     how.add_argument("--ops", type=int, help="operations per measurement, instead of a duration")
     parser.add_argument("--rounds", type=int, help="rounds of A/B per comparison (default 9)")
     parser.add_argument("--http-duration", type=float, help="seconds per HTTP load run (default 2)")
+    parser.add_argument(
+        "--peers-duration",
+        type=float,
+        help="peers: seconds measured per run (default 3; quick 0.5)",
+    )
+    parser.add_argument(
+        "--peers-warmup",
+        type=float,
+        help="peers: seconds of load before the measured window (default 1; quick 0.3)",
+    )
     parser.add_argument("--concurrency", type=int, default=16, help="concurrent tasks (16)")
     parser.add_argument(
         "--only",
@@ -66,6 +86,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.rounds = 1 if quick else 9
     if args.http_duration is None:
         args.http_duration = 1.0 if quick else 2.0
+    if args.peers_duration is None:
+        args.peers_duration = 0.5 if quick else 3.0
+    if args.peers_warmup is None:
+        args.peers_warmup = 0.3 if quick else 1.0
     return args
 
 
@@ -163,6 +187,10 @@ async def _section(name: str, ctx: Context, args: argparse.Namespace) -> dict[st
         from bench.dispatch import dispatch
 
         return await dispatch(ctx)
+    if name == "peers":
+        from bench.peers import peers
+
+        return await peers(ctx, args.peers_duration, args.peers_warmup)
     raise ValueError(name)
 
 

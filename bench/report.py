@@ -253,6 +253,42 @@ def _dispatch(title: str, s: dict[str, Any]) -> list[str]:
     ]
 
 
+def _peers(title: str, s: dict[str, Any]) -> list[str]:
+    head = (
+        f"{title} ({s['callers']} callers, pools of {s['pool_size']}, {s['rounds']} rounds of"
+        f" {s['duration_s']} s after {s['warmup_s']} s of warm-up, a fresh process each;"
+        " medians; ratio = median of per-round ratios; jobs counted in the database)"
+    )
+
+    def target(r: dict[str, Any]) -> str:
+        if "target" not in r:
+            return ""
+        aim = f" (aim {r['aim']})" if r.get("aim") else ""
+        return f">= {r['target']}{aim}"
+
+    rows = [
+        [
+            r["system"],
+            _fmt(r["jobs_s"]),
+            _fmt(r.get("ratio"), ".2f"),
+            target(r),
+            _fmt(r.get("met"), ""),
+            _fmt(r["write_xacts_per_job"], ".2f"),
+            _fmt(r["commits_per_job"], ".2f"),
+            _fmt(r["wal_bytes_per_job"]),
+            _fmt(r["round_trips_per_job"], ".2f"),
+        ]
+        for r in s["rows"]
+    ]
+    headers = ["system", "jobs/s", "jobs_app/it", "target", "met", "write xacts/job"]
+    headers += ["commits/job", "WAL B/job", "round trips/job"]
+    out = [head, *_table(headers, rows)]
+    out += [f"{name}: skipped, {why}" for name, why in s.get("skipped", {}).items()]
+    out += [f"{name}: FAILED, {why[:300]}" for name, why in s.get("failed", {}).items()]
+    out += [f"note: {note}" for note in s.get("notes", [])]
+    return out
+
+
 _SECTIONS = [
     ("service", "1. Service layer vs raw asyncpg", _service),
     ("round_trips", "2. Round trips", _round_trips),
@@ -261,4 +297,5 @@ _SECTIONS = [
     ("scale", "5. Scale", _scale),
     ("live", "6. Live updates", _live),
     ("dispatch", "7. Dispatch", _dispatch),
+    ("peers", "8. Peers: the full lifecycle beside pgqueuer and procrastinate", _peers),
 ]

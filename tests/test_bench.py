@@ -7,6 +7,7 @@ each hot statement's plan on a table big enough for the planner to care.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -21,7 +22,7 @@ from jobs_app.core.lifecycle import Actor, JobStatus
 from jobs_app.services import dispatches, jobs
 
 REPO = Path(__file__).resolve().parent.parent
-SECTIONS = {"service", "round_trips", "lifecycle", "http", "scale", "live", "dispatch"}
+SECTIONS = {"service", "round_trips", "lifecycle", "http", "scale", "live", "dispatch", "peers"}
 ONE_ROUND_TRIP = {"enqueue", "claim", "heartbeat", "complete", "fail", "retry"}
 
 
@@ -68,6 +69,23 @@ def test_quick_bench_runs_every_section(tmp_path: Path) -> None:
     assert all(r["with_trigger_ops_s"] > 0 for r in live["trigger"])
     assert live["streams"]["streams"] == 50 and live["streams"]["others_complete"]
     assert live["streams"]["delivery_p99_ms"] > 0
+
+    # The peers that are installed (the `bench` extra, which `dev` includes) were measured,
+    # and every figure came out of the database or the wire; none failed.
+    peers = sections["peers"]
+    assert peers["failed"] == {}, peers["failed"]
+    installed = {"jobs_app"} | {
+        name for name in ("pgqueuer", "procrastinate") if importlib.util.find_spec(name)
+    }
+    rows = {row["system"]: row for row in peers["rows"]}
+    assert set(rows) == installed, (rows, peers["skipped"])
+    assert set(peers["skipped"]) == {"pgqueuer", "procrastinate"} - installed
+    for name, row in rows.items():
+        assert row["jobs_s"] > 0, row
+        assert row["write_xacts_per_job"] > 0 and row["wal_bytes_per_job"] > 0, row
+        assert row["round_trips_per_job"] > 0, row
+        if name != "jobs_app":
+            assert row["ratio"] > 0 and "met" in row, row
 
 
 # --------------------------------------------------------------------------- plans
