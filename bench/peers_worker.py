@@ -44,9 +44,6 @@ from bench.loader import run_loop
 
 SYSTEMS = ("jobs_app", "pgqueuer", "procrastinate")
 
-# The service layer jobs_app's callers use, first one found. The one place to change
-# when the service module moves.
-SERVICE_MODULES = ("jobs_app.services.jobs", "jobs_app.queue")
 
 # What counts as one finished job, per system: committed rows in the final state.
 FINAL_STATE = {
@@ -62,13 +59,8 @@ PGQUEUER_ENTRYPOINT = "bench_job"
 
 
 def service_module() -> Any:
-    for name in SERVICE_MODULES:
-        try:
-            return importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name is None or not (name + ".").startswith(exc.name + "."):
-                raise
-    raise ModuleNotFoundError(f"none of {SERVICE_MODULES}")
+    """The jobs service jobs_app's callers use."""
+    return importlib.import_module("jobs_app.services.jobs")
 
 
 # --------------------------------------------------------------------------- snapshots

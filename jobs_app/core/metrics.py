@@ -39,6 +39,18 @@ DISPATCH_PAUSES = Counter(
     "Times a dispatcher paused: rate_limited, or misconfigured (credentials, repository)",
     ["reason"],
 )
+BATCH_SIZE = Histogram(
+    "jobs_batch_size",
+    "Requests coalesced into one statement and one commit (group commit), by operation",
+    ["operation"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
+ANNOUNCEMENTS = Counter(
+    "jobs_announcements_total",
+    "Live-update announcements: sent (one NOTIFY per round), caught_up (found by the "
+    "catch-up read, not announced)",
+    ["kind"],
+)
 OPEN_STREAMS = Gauge("jobs_sse_open_streams", "Open event streams", multiprocess_mode="livesum")
 STREAMS_CUT_OFF = Counter(
     "jobs_sse_streams_cut_off_total", "Event streams ended because the client stopped reading"

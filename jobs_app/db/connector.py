@@ -26,6 +26,9 @@ from jobs_app.core.settings import Settings, get_settings
 log = get_logger(__name__)
 
 MIGRATION_LOCK_KEY = 0x6A6F6273  # "jobs": pg_advisory_lock key serialising migrations
+SERVICE_WRITER_SETTING = "jobs_app.writer"
+"""A session setting the pool's connections carry: the job_events trigger does not
+announce their writes (the writer announces them after commit)."""
 
 _embedded_lock = threading.Lock()
 _embedded_uri: str | None = None
@@ -153,7 +156,9 @@ async def start_pool(settings: Settings | None = None, **pool_options: Any) -> N
         "command_timeout": settings.db_timeout_seconds,
         "timeout": settings.db_timeout_seconds,
         "reset": _keep_session,
-        "server_settings": {"application_name": "jobs_app"},
+        # The service layer announces what it commits itself, after the commit (see
+        # services/announcements.py): the job_events trigger stays silent for it.
+        "server_settings": {"application_name": "jobs_app", SERVICE_WRITER_SETTING: "service"},
     }
     await engine.start_connection_pool(**(options | pool_options))
 
@@ -180,6 +185,12 @@ UNAVAILABLE = (
     asyncpg.exceptions.OperatorInterventionError,
     asyncpg.exceptions.TooManyConnectionsError,
 )
+
+
+def in_transaction() -> bool:
+    """Whether the current task runs inside the engine's transaction (its statements
+    commit with it, not on their own)."""
+    return get_engine().current_transaction.get() is not None
 
 
 @contextlib.asynccontextmanager

@@ -89,32 +89,75 @@ def fail_jobs(
         RETURNING {job_columns("j")}, {source}.from_status"""
 
 
+def set_status_to(
+    to: str,
+    *,
+    error: str,
+    failed_step: str,
+    failure_reason: str,
+) -> str:
+    """`set_status` for a target that varies by row: `to` is an SQL expression naming
+    the status; each stamp and the failure's columns are written only for the targets the
+    lifecycle says (the row keeps its value otherwise). The UPDATE's table is aliased j."""
+    stamped: dict[str, list[JobStatus]] = {}
+    for status, rule in TRANSITIONS.items():
+        for column in rule.stamps:
+            stamped.setdefault(column, []).append(status)
+    failing = sql_list(status for status, rule in TRANSITIONS.items() if rule.carries_failure)
+    sets = [f"status = {to}"]
+    sets += [
+        f"{column} = CASE WHEN {to} IN ({sql_list(statuses)}) THEN now() ELSE j.{column} END"
+        for column, statuses in stamped.items()
+    ]
+    sets += [
+        f"{column} = CASE WHEN {to} IN ({failing}) THEN {value} ELSE j.{column} END"
+        for column, value in (
+            ("error", error),
+            ("failed_step", failed_step),
+            ("failure_reason", failure_reason),
+        )
+    ]
+    return ", ".join([*sets, "updated_at = now()"])
+
+
+def transition_allowed(to: str, current: str) -> str:
+    """Whether the lifecycle lets a job in status `current` move to `to` (SQL expressions)."""
+    cases = " ".join(
+        f"WHEN '{status}' THEN {current} IN ({sql_list(rule.sources)})"
+        for status, rule in TRANSITIONS.items()
+    )
+    return f"(CASE {to} {cases} ELSE false END)"
+
+
 def record_events(moved: str, *, actor: str, reason: str) -> str:
     """Write one `job_events` row for each job of `moved` (job columns and `from_status`):
-    the history row of a transition, in the transition's own statement."""
+    the history row of a transition, in the transition's own statement. Returns each
+    event's `event_id` and `job_id`, for the statement to hand back (the writer announces
+    the events once they are committed)."""
     return f"""INSERT INTO job_events (job_id, from_status, to_status, attempt, actor, reason)
-        SELECT id, from_status, status, attempt, {actor}, {reason} FROM {moved}"""
+        SELECT id, from_status, status, attempt, {actor}, {reason} FROM {moved}
+        RETURNING id AS event_id, job_id"""
 
 
 # --------------------------------------------------------------------------- fencing
 
 
-def dispatch_issued(job: str) -> str:
-    """Whether `:dispatch_id` was issued for the current attempt of `job` (never NULL)."""
-    return f"""EXISTS (SELECT 1 FROM dispatches AS d WHERE d.id = CAST(:dispatch_id AS uuid)
+def dispatch_issued(job: str, dispatch: str = "CAST(:dispatch_id AS uuid)") -> str:
+    """Whether the dispatch `dispatch` names was issued for the current attempt of `job`
+    (never NULL; false when `dispatch` is NULL)."""
+    return f"""EXISTS (SELECT 1 FROM dispatches AS d WHERE d.id = {dispatch}
                    AND d.job_id = {job}.id AND d.attempt = {job}.attempt)"""
 
 
-def fence_ok(job: str, issued: str) -> str:
-    """Whether a callback naming `:dispatch_id` may move `job`'s attempt: it names none
-    (a run started by hand), the attempt is bound to it, or the attempt is unbound and
-    the dispatch was issued for it (`issued`, then the callback binds it).
+def fence_ok(job: str, issued: str, dispatch: str = "CAST(:dispatch_id AS uuid)") -> str:
+    """Whether a callback naming the dispatch `dispatch` may move `job`'s attempt: it names
+    none (a run started by hand), the attempt is bound to it, or the attempt is unbound
+    and the dispatch was issued for it (`issued`, then the callback binds it).
 
     A real boolean, never NULL: a NULL would refuse the move (as false does in a WHERE)
     but also pass for "not refused" in a NOT, and a refused run would not be cancelled.
     """
-    return f"""(CAST(:dispatch_id AS uuid) IS NULL
-                OR COALESCE({job}.dispatch_id = :dispatch_id, {issued}))"""
+    return f"""({dispatch} IS NULL OR COALESCE({job}.dispatch_id = {dispatch}, {issued}))"""
 
 
 # --------------------------------------------------------------------------- runs to cancel
