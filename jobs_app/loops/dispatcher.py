@@ -146,26 +146,31 @@ class Dispatcher:
             return started
 
     async def _round(self) -> int:
+        """One statement whatever there is to do (or not): deadlines, due cancels, claims.
+        Paused (rate limited, misconfigured) or stopping, it only fails what is past its
+        deadline, so no job waits longer than that."""
         s = self.settings
-        for job in await dispatches.fail_past_deadline(s.dispatch_deadline_seconds):
+        working = not self._stopping and time.monotonic() >= self._paused_until
+        taken = await dispatches.run_round(
+            self.owner,
+            self.provisioner.name,
+            lease_seconds=s.dispatch_lease_seconds,
+            deadline_seconds=s.dispatch_deadline_seconds,
+            claim_batch=max(0, s.dispatch_batch - len(self._tasks)) if working else 0,
+            cancel_batch=s.dispatch_batch if working else 0,
+        )
+        for job in taken.failed:
             log.warning(
                 "job failed: dispatch deadline",
                 job_id=str(job.id),
                 attempt=job.attempt,
                 error=job.error,
             )
-        if self._stopping or time.monotonic() < self._paused_until:
-            return 0
-        await self._cancel_runs()
-        free = s.dispatch_batch - len(self._tasks)
-        if free <= 0:
-            return 0
-        claims = await dispatches.claim(
-            self.owner, self.provisioner.name, lease_seconds=s.dispatch_lease_seconds, batch=free
-        )
-        for claim in claims:
+        for claim in taken.claims:
             self._tasks[claim.dispatch_id] = asyncio.create_task(self._work(claim))
-        return len(claims)
+        if taken.cancellations:
+            await asyncio.gather(*(self._cancel(c) for c in taken.cancellations))
+        return len(taken.claims)
 
     async def drain(self) -> None:
         """Wait for the work started so far (tests use it to take a round to its end)."""
@@ -365,14 +370,6 @@ class Dispatcher:
             self._paused_until, self._pause_reason = now + seconds, reason
 
     # ------------------------------------------------------------------ cancellations
-
-    async def _cancel_runs(self) -> None:
-        s = self.settings
-        due = await dispatches.claim_cancellations(
-            lease_seconds=s.dispatch_lease_seconds, batch=s.dispatch_batch
-        )
-        if due:
-            await asyncio.gather(*(self._cancel(c) for c in due))
 
     async def _cancel(self, cancellation: dispatches.Cancellation) -> None:
         run_id = cancellation.workflow_run_id

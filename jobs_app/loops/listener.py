@@ -1,23 +1,32 @@
-"""One LISTEN connection per process, kept alive, fanning notifications out.
+"""Live-update announcements for one process: what it commits, what the other replicas
+commit, and what anyone else writes, fanned out to this process's streams and
+dispatcher.
 
-PostgreSQL announces every statement that inserts `job_events` rows on the
-`job_events` channel (a statement-level trigger, see the migration "notify job_events
-inserts"): `{"first", "last", "queued", "jobs", "users"}`, ids only, or the range alone
-for a bulk statement too big for NOTIFY. A notification is a hint, never the data:
-whoever it wakes reads `job_events`.
+`job_events` is the truth; an announcement is only a hint to read it. Three ways in:
 
-The connection is dedicated and outside the pool: a pooled connection is handed to
-other work between operations, and listeners are lost with their connection. It is
+- **Local**: the service layer announces what it commits, after the commit
+  (`services/announcements.py`). The listener wakes this process's streams and observers
+  at once, and tells the other replicas: one NOTIFY per round (whatever this process
+  committed while the previous NOTIFY was being sent), in a transaction of its own that
+  writes nothing and commits asynchronously. A transition's commit never takes
+  PostgreSQL's instance-wide NOTIFY lock.
+- **Other replicas and other writers**: one LISTEN connection per process on the
+  `job_events` channel. Replicas send the event ids (a process ignores its own); any
+  other writer (hand-written SQL, a migration) is announced by the job_events trigger,
+  in its own transaction.
+- **Catch-up**: every `catch_up_interval` seconds (1 s), one cheap read of the events
+  after the last id it has seen (and of the ids it found missing, which a transaction
+  still in flight may yet commit, until `GAP_SECONDS`): whatever was committed but
+  never announced (a process killed between its commit and its NOTIFY, a notification
+  lost while the connection was down) wakes its streams within a second or two.
+
+The LISTEN connection is dedicated and outside the pool: a pooled connection is handed
+to other work between operations, and listeners are lost with their connection. It is
 checked every `health_interval` seconds (`SELECT 1` with a timeout) and watched by
-asyncpg's termination callback; when it fails it is replaced, with exponential backoff
-and jitter, and LISTEN is issued again. Once listening (at start and after every
-reconnect), a `Notification(reconnected=True)` goes through the same path, so every
-subscriber re-reads from what it last delivered: what was committed while nobody
-listened still arrives.
-
-asyncpg calls listener callbacks synchronously, from the connection's protocol; they
-only queue the payload. One task takes the queue in order, parses each payload, calls
-the observers and wakes the subscriptions concerned.
+asyncpg's termination callback; when it fails it is replaced, with backoff and jitter,
+and LISTEN is issued again. Once listening (at start and after every reconnect), a
+`Notification(reconnected=True)` wakes every subscriber, which re-reads from what it
+last delivered.
 
 Public API (the streams use the first two; the dispatcher the third):
 
@@ -25,46 +34,41 @@ Public API (the streams use the first two; the dispatcher the third):
   is set whenever something may concern it (set at first: its first read is the
   replay); `unsubscribe(subscription)` when the stream ends.
 - `add_observer(callback)` → a function that removes it. `callback(notification)` is
-  called with every parsed `Notification`, in order, from the listener's task: it must
-  not block (set an `asyncio.Event`, say). `notification.queued` is true when one of
-  the announced events entered `queued` (a job enqueued or retried): the dispatcher's
-  cue to claim without waiting for its next poll. `jobs is None` means "any job may
-  be concerned" (a bulk statement, or `reconnected`, when `queued` is also true).
+  called with every `Notification`: it must not block (set an `asyncio.Event`, say).
+  `notification.queued` is true when one of the announced events entered `queued` (a
+  job enqueued or retried): the dispatcher's cue to claim without waiting for its next
+  poll. `jobs is None` means "any job may be concerned".
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+import time
+import uuid
+from collections.abc import Callable, Sequence
 from uuid import UUID
 
 import asyncpg
 import msgspec
 
+from jobs_app.core import metrics
 from jobs_app.core.backoff import full_jitter
+from jobs_app.core.errors import DatabaseUnavailableError
 from jobs_app.core.logs import get_logger
+from jobs_app.services import announcements, live
+from jobs_app.services.announcements import CHANNEL, Committed, Notification
 
 __all__ = ["CHANNEL", "Listener", "Notification", "Subscription"]
 
 log = get_logger("jobs_app.listener")
 
-CHANNEL = "job_events"
 APPLICATION_NAME = "jobs_app_listener"
-
-
-class Notification(msgspec.Struct, frozen=True):
-    """One announced statement: its event id range and whom it concerns."""
-
-    first: int = 0
-    last: int = 0
-    queued: bool = True
-    jobs: list[UUID] | None = None
-    """The jobs whose events were inserted; None: any job may be concerned."""
-    users: list[UUID] | None = None
-    reconnected: bool = False
-    """Not from PostgreSQL: the listener is (again) listening and may have missed some."""
-
+GAP_SECONDS = 30.0
+"""How long the catch-up read keeps looking for an id it found missing (a transaction
+that drew it and has not committed): service statements take milliseconds; another
+writer's long transaction is announced by the trigger at its commit."""
+CATCH_UP_BATCH = 5000
 
 _RECONNECTED = Notification(reconnected=True)
 
@@ -95,13 +99,26 @@ class Listener:
         health_timeout: float = 2.0,
         backoff_initial: float = 0.1,
         backoff_max: float = 5.0,
+        catch_up_interval: float = 1.0,
     ) -> None:
         self._dsn = dsn
+        self.origin = uuid.uuid4().hex[:16]
+        """This process, in its announcements (it ignores its own)."""
+        self._catch_up_interval = catch_up_interval
         self._health_interval = health_interval
         self._health_timeout = health_timeout
         self._backoff_initial = backoff_initial
         self._backoff_max = backoff_max
         self._inbox: asyncio.Queue[str | Notification] = asyncio.Queue()
+        self._to_announce: list[Committed] = []
+        self._announce_wanted = asyncio.Event()
+        self._seen: set[int] = set()
+        """Ids announced (here or by another replica) above the catch-up's mark."""
+        self._high: int | None = None
+        """The catch-up's mark: every id below it was seen, or given up as a gap."""
+        self._missing: dict[int, float] = {}
+        """Ids below the mark not yet seen, since when (time.monotonic())."""
+        self._remove_sink: Callable[[], None] | None = None
         self._by_job: dict[UUID, set[Subscription]] = {}
         self._by_user: dict[UUID, set[Subscription]] = {}
         self._all: set[Subscription] = set()
@@ -155,12 +172,18 @@ class Listener:
 
     async def start(self) -> None:
         if not self._tasks:
+            self._remove_sink = announcements.add_sink(self._committed_here)
             self._tasks = [
                 asyncio.create_task(self._keep_listening(), name="jobs_app listener"),
                 asyncio.create_task(self._fan_out(), name="jobs_app listener fan-out"),
+                asyncio.create_task(self._announce_rounds(), name="jobs_app announcer"),
+                asyncio.create_task(self._catch_up_forever(), name="jobs_app catch-up"),
             ]
 
     async def stop(self) -> None:
+        if self._remove_sink is not None:
+            self._remove_sink()
+            self._remove_sink = None
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()
@@ -236,12 +259,20 @@ class Listener:
                 except msgspec.DecodeError:
                     log.warning("unreadable notification; waking every stream", channel=CHANNEL)
                     notification = Notification()
-            for observer in list(self._observers):
-                try:
-                    observer(notification)
-                except Exception:
-                    log.exception("listener observer failed")
-            self._wake(notification)
+                if notification.origin == self.origin:
+                    continue  # ours: fanned out when it was committed
+            self._deliver(notification)
+
+    def _deliver(self, notification: Notification) -> None:
+        """Observers first, then the subscriptions concerned; its ids are now seen."""
+        if notification.ids is not None:
+            self._seen.update(notification.ids)
+        for observer in list(self._observers):
+            try:
+                observer(notification)
+            except Exception:
+                log.exception("listener observer failed")
+        self._wake(notification)
 
     def _wake(self, notification: Notification) -> None:
         if notification.jobs is None or notification.users is None:
@@ -254,3 +285,67 @@ class Listener:
         for user_id in notification.users:
             for subscription in self._by_user.get(user_id, ()):
                 subscription.wake.set()
+
+    # ----------------------------------------------------------------- this process's own
+
+    def _committed_here(self, events: Sequence[Committed]) -> None:
+        """The announcements sink: this process committed `events` (synchronous)."""
+        self._deliver(announcements.notification_of(events, self.origin))
+        self._to_announce.extend(events)
+        self._announce_wanted.set()
+
+    async def _announce_rounds(self) -> None:
+        """One NOTIFY per round to the other replicas: whatever was committed meanwhile."""
+        while True:
+            await self._announce_wanted.wait()
+            self._announce_wanted.clear()
+            events, self._to_announce = self._to_announce, []
+            if not events:
+                continue
+            try:
+                await announcements.notify_others(events, self.origin)
+                metrics.ANNOUNCEMENTS.labels("sent").inc()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the other replicas' catch-up reads find them
+                log.warning("announcement not sent; the catch-up read covers it", error=str(exc))
+
+    # ----------------------------------------------------------------- catch-up
+
+    async def _catch_up_forever(self) -> None:
+        while True:
+            try:
+                more = await self.catch_up()
+            except asyncio.CancelledError:
+                raise
+            except (DatabaseUnavailableError, asyncpg.PostgresError, OSError) as exc:
+                log.warning("catch-up read failed; trying again", error=str(exc))
+                more = False
+            if not more:
+                await asyncio.sleep(self._catch_up_interval)
+
+    async def catch_up(self) -> bool:
+        """One catch-up read: deliver what was committed and never announced. True when
+        there is more to read at once."""
+        if self._high is None:
+            self._high = await live.latest_event_id()
+            return False
+        events = await live.committed_since(self._high, list(self._missing), CATCH_UP_BATCH)
+        found = {event.id for event in events}
+        unseen = [event for event in events if event.id not in self._seen]
+        if unseen:
+            metrics.ANNOUNCEMENTS.labels("caught_up").inc(len(unseen))
+            self._deliver(announcements.notification_of(unseen))
+        now = time.monotonic()
+        top = max(found, default=self._high)
+        for event_id in range(self._high + 1, top + 1):
+            if event_id not in found:
+                self._missing.setdefault(event_id, now)
+        for event_id in found:
+            self._missing.pop(event_id, None)
+        for event_id, since in list(self._missing.items()):
+            if now - since > GAP_SECONDS:
+                del self._missing[event_id]
+        self._high = max(self._high, top)
+        self._seen = {event_id for event_id in self._seen if event_id > self._high}
+        return len(events) == CATCH_UP_BATCH

@@ -38,12 +38,14 @@ from jobs_app.db.fragments import (
     WORKING,
     cancel_runs,
     fail_jobs,
+    job_columns,
     job_from_row,
     record_events,
     record_try,
     sql_list,
 )
 from jobs_app.db.statement import Statement, fetch, fetchrow
+from jobs_app.services.announcements import Committed, announce
 
 _LIVE = sql_list(LIVE_DISPATCH_STATES)
 _QUEUED = f"'{JobStatus.QUEUED}'"
@@ -74,22 +76,25 @@ class Cancellation(msgspec.Struct, frozen=True):
 
 # --------------------------------------------------------------------------- claim
 
+
 # New work first: queued attempts with no live dispatch get one (the partial unique
 # index makes a racing claim's INSERT a no-op). Then dispatches due another try whose
 # lease is free or expired; one taken over from a holder that never recorded its
 # outcome may have started a run, so it is reconciled first, and the grace period
 # counts from now.
-CLAIM = Statement(
-    f"""
-    WITH fresh AS (
+def _claim_ctes(exclude: str = "") -> str:
+    """The claim's CTEs (fresh, created, due, taken; `:batch` of each); `exclude` keeps
+    jobs out (in the round: those the deadline CTEs are failing)."""
+    return f"""
+    fresh AS (
         SELECT j.id, j.attempt FROM provisioning_jobs AS j
-        WHERE j.status = {_QUEUED}
+        WHERE j.status = {_QUEUED} {exclude}
           AND NOT EXISTS (SELECT 1 FROM dispatches AS d
                           WHERE d.job_id = j.id AND d.attempt = j.attempt
                             AND d.state IN ({_LIVE}))
         ORDER BY j.queued_at
         LIMIT :batch
-        FOR UPDATE OF j SKIP LOCKED
+        FOR NO KEY UPDATE OF j SKIP LOCKED
     ), created AS (
         INSERT INTO dispatches (job_id, attempt, provisioner, lease_owner, lease_expires_at)
         SELECT id, attempt, :provisioner, :owner, now() + make_interval(secs => :lease)
@@ -103,7 +108,7 @@ CLAIM = Statement(
         JOIN provisioning_jobs AS j ON j.id = d.job_id AND j.attempt = d.attempt
         WHERE d.state IN ({WORKING}) AND d.next_try_at <= now()
           AND (d.lease_expires_at IS NULL OR d.lease_expires_at < now())
-          AND j.status = {_QUEUED}
+          AND j.status = {_QUEUED} {exclude}
         ORDER BY d.next_try_at
         LIMIT :batch
         FOR UPDATE OF d SKIP LOCKED
@@ -116,13 +121,15 @@ CLAIM = Statement(
             updated_at = now()
         FROM due WHERE d.id = due.id
         RETURNING d.id, d.job_id, d.attempt, d.tries, d.created_at, due.reconcile
-    )
-    SELECT c.id, c.job_id, c.attempt, c.tries, c.created_at, c.reconcile,
-           j.agent_id, j.user_id, j.region
-    FROM (SELECT * FROM created UNION ALL SELECT * FROM taken) AS c
-    JOIN provisioning_jobs AS j ON j.id = c.job_id
-    """
-)
+    ), claimed AS (
+        SELECT c.id AS dispatch_id, c.job_id, c.attempt, c.tries, c.created_at, c.reconcile,
+               j.agent_id, j.user_id, j.region
+        FROM (SELECT * FROM created UNION ALL SELECT * FROM taken) AS c
+        JOIN provisioning_jobs AS j ON j.id = c.job_id
+    )"""
+
+
+CLAIM = Statement(f"WITH {_claim_ctes()} SELECT * FROM claimed")
 
 
 async def claim(owner: str, provisioner: str, *, lease_seconds: float, batch: int) -> list[Claim]:
@@ -221,7 +228,7 @@ RECORD_REJECTED = Statement(
     ), locked AS (
         SELECT j.id, j.status AS from_status FROM provisioning_jobs AS j JOIN d ON j.id = d.job_id
         WHERE j.attempt = d.attempt AND j.status = {_QUEUED}
-        FOR UPDATE OF j
+        FOR NO KEY UPDATE OF j
     ), moved AS ({
         fail_jobs("locked", error=":message", failure_reason=FailureReason.DISPATCH_ERROR)
     }), event AS ({record_events("moved", actor=_SYSTEM, reason="error")})
@@ -308,7 +315,9 @@ async def record_rejected(dispatch_id: UUID, owner: str, result: Result) -> Job 
     if row is None:
         return None
     metrics.TRANSITIONS.labels(JobStatus.FAILED).inc()
-    return job_from_row(row)
+    job = job_from_row(row, 1)
+    announce([Committed(row["event_id"], job.id, job.user_id, False)])
+    return job
 
 
 _DEADLINE_ERROR = """'Dispatch deadline: no workflow run started within ' || :deadline || 's'
@@ -319,9 +328,8 @@ _DEADLINE_ERROR = """'Dispatch deadline: no workflow run started within ' || :de
 # A queued attempt whose first dispatch is older than the deadline and none of whose
 # dispatches has started a run: fail it, and close its dispatches. Runs every round,
 # also while dispatching is paused (misconfigured), so no job waits past its deadline.
-FAIL_PAST_DEADLINE = Statement(
-    f"""
-    WITH late AS (
+_DEADLINE_CTES = f"""
+    late AS (
         SELECT j.id, j.status AS from_status FROM provisioning_jobs AS j
         WHERE j.status = {_QUEUED}
           AND (SELECT min(d.created_at) FROM dispatches AS d
@@ -330,34 +338,27 @@ FAIL_PAST_DEADLINE = Statement(
           AND NOT EXISTS (SELECT 1 FROM dispatches AS d
                           WHERE d.job_id = j.id AND d.attempt = j.attempt
                             AND d.state = '{DispatchState.DISPATCHED}')
-        FOR UPDATE OF j SKIP LOCKED
+        FOR NO KEY UPDATE OF j SKIP LOCKED
     ), moved AS ({
-        fail_jobs(
-            "late",
-            error=''''Dispatch deadline: no workflow run started within ' || :deadline || 's'
-                || COALESCE(' (last error: ' || (
-                       SELECT d.last_error FROM dispatches AS d
-                       WHERE d.job_id = j.id AND d.attempt = j.attempt
-                         AND d.last_error IS NOT NULL
-                       ORDER BY d.updated_at DESC LIMIT 1) || ')', '')''',
-            failure_reason=FailureReason.DISPATCH_ERROR,
-        )
-    }), event AS ({record_events("moved", actor=_SYSTEM, reason="error")}
+    fail_jobs("late", error=_DEADLINE_ERROR, failure_reason=FailureReason.DISPATCH_ERROR)
+}), event AS ({record_events("moved", actor=_SYSTEM, reason="error")}
     ), closed AS (
         UPDATE dispatches AS d SET state = '{DispatchState.FAILED}', {RELEASE_LEASE}
         FROM moved WHERE d.job_id = moved.id AND d.attempt = moved.attempt
           AND d.state IN ({WORKING})
-    )
-    SELECT {JOB_COLUMNS} FROM moved
-    """
-)
+    ), failed AS (
+        SELECT e.event_id, {job_columns("m")} FROM moved AS m JOIN event AS e ON e.job_id = m.id
+    )"""
+FAIL_PAST_DEADLINE = Statement(f"WITH {_DEADLINE_CTES} SELECT * FROM failed")
 
 
 async def fail_past_deadline(deadline_seconds: float) -> list[Job]:
     rows = await fetch(FAIL_PAST_DEADLINE, deadline=int(deadline_seconds))
-    jobs = [job_from_row(row) for row in rows]
+    jobs = [job_from_row(row, 1) for row in rows]
     if jobs:
         metrics.TRANSITIONS.labels(JobStatus.FAILED).inc(len(jobs))
+        events = zip(rows, jobs, strict=True)
+        announce([Committed(row["event_id"], job.id, job.user_id, False) for row, job in events])
     return jobs
 
 
@@ -386,19 +387,18 @@ async def release_leases(owner: str, in_flight: list[UUID]) -> int:
 
 # A cancellation is claimed by pushing its next try out by a lease's length (so no
 # other process takes it meanwhile); cancelling twice is harmless anyway.
-CLAIM_CANCELLATIONS = Statement(
-    f"""
-    WITH due AS (
+_CANCELLATION_CTES = f"""
+    cancellations_due AS (
         SELECT workflow_run_id FROM run_cancellations
         WHERE state = '{CancellationState.REQUESTED}' AND next_try_at <= now()
-        ORDER BY next_try_at LIMIT :batch
+        ORDER BY next_try_at LIMIT :cancel_batch
         FOR UPDATE SKIP LOCKED
-    )
-    UPDATE run_cancellations AS c SET next_try_at = now() + make_interval(secs => :lease)
-    FROM due WHERE c.workflow_run_id = due.workflow_run_id
-    RETURNING c.workflow_run_id, c.job_id, c.dispatch_id, c.tries
-    """
-)
+    ), cancellations AS (
+        UPDATE run_cancellations AS c SET next_try_at = now() + make_interval(secs => :lease)
+        FROM cancellations_due AS due WHERE c.workflow_run_id = due.workflow_run_id
+        RETURNING c.workflow_run_id, c.job_id, c.dispatch_id, c.tries
+    )"""
+CLAIM_CANCELLATIONS = Statement(f"WITH {_CANCELLATION_CTES} SELECT * FROM cancellations")
 RECORD_CANCELLATION = Statement(
     f"""
     WITH c AS (
@@ -425,7 +425,7 @@ RECORD_CANCELLATION = Statement(
 
 
 async def claim_cancellations(*, lease_seconds: float, batch: int) -> list[Cancellation]:
-    rows = await fetch(CLAIM_CANCELLATIONS, lease=float(lease_seconds), batch=batch)
+    rows = await fetch(CLAIM_CANCELLATIONS, lease=float(lease_seconds), cancel_batch=batch)
     return [Cancellation(*row) for row in rows]
 
 
@@ -442,6 +442,75 @@ async def record_cancellation(
         status_code=result.status_code,
         message=result.message,
     )
+
+
+# --------------------------------------------------------------------------- one round
+
+# A dispatcher's round in one statement (one round trip, also when there is nothing to
+# do): fail the attempts past their deadline, claim the runs due a cancel, claim the
+# dispatches due work; the jobs being failed are kept out of the claim.
+ROUND = Statement(
+    f"""
+    WITH {_DEADLINE_CTES}, {_CANCELLATION_CTES},
+    {_claim_ctes(exclude="AND j.id NOT IN (SELECT id FROM late)")}
+    SELECT 'failed' AS kind, row_to_json(f) AS item FROM failed AS f
+    UNION ALL SELECT 'cancel', row_to_json(c) FROM cancellations AS c
+    UNION ALL SELECT 'claim', row_to_json(c) FROM claimed AS c
+    """
+)
+
+
+class Round(msgspec.Struct, frozen=True):
+    """What one dispatcher round took on."""
+
+    failed: list[Job]
+    """Jobs failed past their dispatch deadline."""
+    cancellations: list[Cancellation]
+    """Runs to cancel, claimed for a lease's length."""
+    claims: list[Claim]
+    """Dispatches this process now holds the lease of."""
+
+
+class _Failed(msgspec.Struct):
+    event_id: int
+
+
+async def run_round(
+    owner: str,
+    provisioner: str,
+    *,
+    lease_seconds: float,
+    deadline_seconds: float,
+    claim_batch: int,
+    cancel_batch: int,
+) -> Round:
+    """One dispatcher round (see ROUND); a batch of 0 claims nothing of that kind."""
+    rows = await fetch(
+        ROUND,
+        owner=owner,
+        provisioner=provisioner,
+        lease=float(lease_seconds),
+        deadline=int(deadline_seconds),
+        batch=claim_batch,
+        cancel_batch=cancel_batch,
+    )
+    taken = Round(failed=[], cancellations=[], claims=[])
+    committed: list[Committed] = []
+    for row in rows:
+        item = row["item"].encode()
+        if row["kind"] == "claim":
+            taken.claims.append(msgspec.json.decode(item, type=Claim))
+        elif row["kind"] == "cancel":
+            taken.cancellations.append(msgspec.json.decode(item, type=Cancellation))
+        else:
+            job = msgspec.json.decode(item, type=Job)
+            event = msgspec.json.decode(item, type=_Failed)
+            committed.append(Committed(event.event_id, job.id, job.user_id, False))
+            taken.failed.append(job)
+    if taken.failed:
+        metrics.TRANSITIONS.labels(JobStatus.FAILED).inc(len(taken.failed))
+        announce(committed)
+    return taken
 
 
 # --------------------------------------------------------------------------- reads

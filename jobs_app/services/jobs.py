@@ -1,7 +1,10 @@
 """The jobs service: every statement that reads or changes a provisioning job.
 
 Each operation is one SQL statement (one round trip, autocommit) built from the shared
-blocks of `jobs_app.db.fragments`. Invariants two requests could race on are decided by
+blocks of `jobs_app.db.fragments`; concurrent enqueues, transitions and heartbeats are
+coalesced into one statement and one commit per batch (group commit, see
+`services/batching.py`), and what a statement committed is announced after its commit
+(`services/announcements.py`). Invariants two requests could race on are decided by
 PostgreSQL: the unique stripe_event_id, the partial unique index allowing one job in
 flight per user, and conditional UPDATEs on a row locked in the same statement.
 Transitions write their `job_events` row in that same statement, so history and state
@@ -14,6 +17,7 @@ the service adds).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -47,10 +51,13 @@ from jobs_app.db.fragments import (
     job_columns,
     job_from_row,
     record_events,
-    set_status,
+    set_status_to,
     sql_list,
+    transition_allowed,
 )
 from jobs_app.db.statement import Statement, fetch, fetchrow
+from jobs_app.services.announcements import Committed, announce
+from jobs_app.services.batching import Batcher
 
 __all__ = [
     "check_concurrent_provision",
@@ -69,26 +76,134 @@ __all__ = [
 
 _ACTIVE = sql_list(ACTIVE_STATUSES)
 
+# --------------------------------------------------------------------------- how writes run
+
+# Enqueues, transitions and heartbeats go through a Batcher (services/batching.py):
+# concurrent calls for different jobs share one statement and one commit, each caller
+# getting the answer it would get alone. So each statement below takes arrays, one
+# element per request, and answers one row per request (`n`, its place in the arrays).
+# The rows a batch locks are locked in id order, so batches never deadlock.
+
+
+def _arrays(requests: Sequence[Any], *fields: str) -> dict[str, list[Any]]:
+    """Each field's values, one per request: the statements' array parameters, named
+    after the field (`CAST(:job_id AS uuid[])` holds each request's job_id)."""
+    return {field: [getattr(r, field) for r in requests] for field in fields}
+
+
+def _by_n(rows: Sequence[asyncpg.Record]) -> dict[int, asyncpg.Record]:
+    return {row["n"]: row for row in rows}
+
+
 # --------------------------------------------------------------------------- enqueue
 
-# ON CONFLICT targets the plain unique stripe_event_id only, so a second active job
-# for the user still raises on the partial unique index (-> ConcurrentProvisionError).
+# A row is inserted only when its agent belongs to its user (so no foreign key can
+# raise for one row of a batch), and ON CONFLICT DO NOTHING skips both a replayed
+# Stripe event and a second job in flight for a user (the partial unique index); the
+# answer row says which, or what does not exist.
 ENQUEUE = Statement(
     f"""
-    WITH inserted AS (
+    WITH input AS (
+        SELECT * FROM unnest(
+            CAST(:agent_id AS uuid[]), CAST(:user_id AS uuid[]),
+            CAST(:stripe_event_id AS text[]), CAST(:region AS text[]),
+            CAST(:max_retries AS integer[]), CAST(:actor AS text[])
+        ) WITH ORDINALITY AS i(agent_id, user_id, stripe_event_id, region, max_retries, actor, n)
+    ), owned AS (
+        SELECT i.* FROM input AS i
+        JOIN agents AS a ON a.id = i.agent_id AND a.user_id = i.user_id
+    ), inserted AS (
         INSERT INTO provisioning_jobs (agent_id, user_id, stripe_event_id, region, max_retries)
-        VALUES (:agent_id, :user_id, :stripe_event_id, :region, :max_retries)
-        ON CONFLICT (stripe_event_id) DO NOTHING
-        RETURNING {JOB_COLUMNS}, CAST(NULL AS varchar) AS from_status
-    ), event AS ({record_events("inserted", actor=":actor", reason="'enqueued'")})
-    SELECT true AS created, {JOB_COLUMNS} FROM inserted
+        SELECT agent_id, user_id, stripe_event_id, region, max_retries FROM owned ORDER BY n
+        ON CONFLICT DO NOTHING
+        RETURNING {JOB_COLUMNS}
+    ), created AS (
+        SELECT ins.*, CAST(NULL AS varchar) AS from_status, o.actor AS by_actor, o.n
+        FROM inserted AS ins JOIN owned AS o ON o.stripe_event_id = ins.stripe_event_id
+    ), event AS ({record_events("created", actor="by_actor", reason="'enqueued'")})
+    SELECT c.n, true AS created, e.event_id, true AS user_known, true AS agent_known,
+           true AS owned, {job_columns("c")}
+    FROM created AS c JOIN event AS e ON e.job_id = c.id
     UNION ALL
-    SELECT false, {JOB_COLUMNS} FROM provisioning_jobs
-    WHERE stripe_event_id = :stripe_event_id AND NOT EXISTS (SELECT 1 FROM inserted)
+    SELECT i.n, false, NULL, true, true, true, {job_columns("x")}
+    FROM input AS i JOIN provisioning_jobs AS x ON x.stripe_event_id = i.stripe_event_id
+    WHERE NOT EXISTS (SELECT 1 FROM created AS c WHERE c.n = i.n)
+    UNION ALL
+    SELECT i.n, false, NULL,
+           EXISTS (SELECT 1 FROM users AS u WHERE u.id = i.user_id),
+           EXISTS (SELECT 1 FROM agents AS a WHERE a.id = i.agent_id),
+           EXISTS (SELECT 1 FROM owned AS o WHERE o.n = i.n),
+           {", ".join(["NULL"] * len(Job.__struct_fields__))}
+    FROM input AS i
+    WHERE NOT EXISTS (SELECT 1 FROM created AS c WHERE c.n = i.n)
+      AND NOT EXISTS (SELECT 1 FROM provisioning_jobs AS x
+                      WHERE x.stripe_event_id = i.stripe_event_id)
     """
 )
 BY_STRIPE_EVENT = Statement(
     f"SELECT {JOB_COLUMNS} FROM provisioning_jobs WHERE stripe_event_id = :stripe_event_id"
+)
+_ANSWER_COLUMNS = 6  # n, created, event_id, user_known, agent_known, owned
+
+
+class _Enqueue(msgspec.Struct, frozen=True):
+    agent_id: UUID
+    user_id: UUID
+    stripe_event_id: str
+    region: str
+    max_retries: int
+    actor: str
+
+
+async def _run_enqueues(requests: Sequence[_Enqueue]) -> list[Enqueued | BaseException]:
+    fields = ("agent_id", "user_id", "stripe_event_id", "region", "max_retries", "actor")
+    rows = _by_n(await fetch(ENQUEUE, **_arrays(requests, *fields)))
+    answers: list[Enqueued | BaseException] = []
+    committed: list[Committed] = []
+    for n, request in enumerate(requests, 1):
+        row = rows[n]
+        if row["created"]:
+            job = job_from_row(row, _ANSWER_COLUMNS)
+            committed.append(Committed(row["event_id"], job.id, job.user_id, True))
+            metrics.TRANSITIONS.labels(JobStatus.QUEUED).inc()
+            answers.append(Enqueued(job=job, created=True))
+        elif row["id"] is not None:
+            answers.append(_replay(request, job_from_row(row, _ANSWER_COLUMNS)))
+        elif not row["user_known"]:
+            answers.append(errors.NotFoundError("user not found"))
+        elif not row["agent_known"]:
+            answers.append(errors.NotFoundError("agent not found"))
+        elif not row["owned"]:
+            answers.append(errors.InvalidReferenceError("agent does not belong to this user"))
+        else:
+            answers.append(await _skipped(request))
+    announce(committed)
+    return answers
+
+
+def _replay(request: _Enqueue, job: Job) -> Enqueued | BaseException:
+    if job.user_id != request.user_id or job.agent_id != request.agent_id:
+        return errors.IdempotencyConflictError(
+            "this stripe_event_id was already used for another user or agent"
+        )
+    return Enqueued(job=job, created=False)
+
+
+async def _skipped(request: _Enqueue) -> Enqueued | BaseException:
+    """The insert was skipped, and the statement saw no job for the event: a concurrent
+    call for this same event committed after the statement's snapshot was taken (then a
+    new statement sees its row: a replay), or the user has a job in flight."""
+    replay = await fetchrow(BY_STRIPE_EVENT, stripe_event_id=request.stripe_event_id)
+    if replay is not None:
+        return _replay(request, job_from_row(replay))
+    return errors.ConcurrentProvisionError(CONCURRENT_PROVISION_MESSAGE)
+
+
+_enqueues: Batcher[_Enqueue, Enqueued] = Batcher(
+    "enqueue",
+    _run_enqueues,
+    # One job per event, one in flight per user: such requests never share a batch.
+    keys=lambda r: (("event", r.stripe_event_id), ("user", r.user_id)),
 )
 
 
@@ -106,11 +221,11 @@ async def enqueue_provisioning_job(
     The same event again (same user and agent) returns the existing job with
     `created=False`. The same event for another user or agent raises
     IdempotencyConflictError; a second job in flight for the user raises
-    ConcurrentProvisionError.
+    ConcurrentProvisionError; an unknown user or agent NotFoundError, an agent of
+    another user InvalidReferenceError.
     """
-    try:
-        row = await fetchrow(
-            ENQUEUE,
+    return await _enqueues.submit(
+        _Enqueue(
             agent_id=agent_id,
             user_id=user_id,
             stripe_event_id=stripe_event_id,
@@ -118,28 +233,7 @@ async def enqueue_provisioning_job(
             max_retries=get_settings().max_retries if max_retries is None else max_retries,
             actor=actor,
         )
-        concurrent: errors.ConcurrentProvisionError | None = None
-    except errors.ConcurrentProvisionError as exc:
-        # ON CONFLICT arbitrates stripe_event_id only: when a concurrent call for this
-        # same event inserts first, ours can trip the one-active-job index instead
-        # (it waits for that insert to commit, then fails). Then this call is a replay.
-        row, concurrent = None, exc
-    if row is not None:
-        job, created = job_from_row(row, 1), row["created"]
-    else:
-        # Lost a race for this event to a call that committed after our statement's
-        # snapshot was taken: a new statement sees its row.
-        replay = await fetchrow(BY_STRIPE_EVENT, stripe_event_id=stripe_event_id)
-        if replay is None:
-            raise concurrent or errors.ConflictError("the job for this event was deleted")
-        job, created = job_from_row(replay), False
-    if not created and (job.user_id != user_id or job.agent_id != agent_id):
-        raise errors.IdempotencyConflictError(
-            "this stripe_event_id was already used for another user or agent"
-        )
-    if created:
-        metrics.TRANSITIONS.labels(JobStatus.QUEUED).inc()
-    return Enqueued(job=job, created=created)
+    )
 
 
 ACTIVE_FOR_USER = Statement(
@@ -159,90 +253,145 @@ async def check_concurrent_provision(user_id: UUID) -> None:
 
 # --------------------------------------------------------------------------- transitions
 
-# A transition has one shape: lock the row in a CTE (so the old status and attempt are
-# the latest committed ones, not a snapshot's), update it only if the rules hold, record
-# the event, and return either the moved row (moved = true) or the locked row unchanged
-# (moved = false) for the caller to say why nothing moved. One round trip whatever the
-# outcome.
+# A transition: lock the row (so the old status and attempt are the latest committed
+# ones, not a snapshot's), fence the callback by its dispatch, move the row only if the
+# lifecycle, the attempt and the fence allow it, record the event, bind the attempt to
+# the dispatch (superseding the attempt's other dispatches, their runs cancelled),
+# cancel the run of a refused callback, and the known runs of a job failed by anyone
+# but its workflow. Each answer row holds the moved row, or the locked row unchanged,
+# from which the caller learns why nothing moved.
 
-_FENCE_OK = fence_ok("p", "p.issued")
 _REFUSED_RUN_REASON = "'refused callback of a superseded or stale dispatch'"
+_INPUT_ROW = "i"
+
+TRANSITIONS_BATCH = Statement(
+    f"""
+    WITH input AS (
+        SELECT * FROM unnest(
+            CAST(:job_id AS uuid[]), CAST(:to_status AS text[]),
+            CAST(:attempt AS integer[]), CAST(:dispatch_id AS uuid[]),
+            CAST(:workflow_run_id AS text[]), CAST(:error AS text[]),
+            CAST(:failed_step AS text[]), CAST(:failure_reason AS text[]),
+            CAST(:actor AS text[])
+        ) WITH ORDINALITY AS i(job_id, to_status, attempt, dispatch_id, workflow_run_id,
+                               error, failed_step, failure_reason, actor, n)
+    ), locked AS (
+        SELECT {JOB_COLUMNS} FROM provisioning_jobs
+        WHERE id = ANY(CAST(:job_id AS uuid[])) ORDER BY id FOR NO KEY UPDATE
+    ), checked AS (
+        SELECT i.*, p.status AS from_status, p.dispatch_id AS bound_before, f.issued,
+               {fence_ok("p", "f.issued", dispatch="i.dispatch_id")} AS fence_ok,
+               i.attempt IS NOT NULL AND p.attempt <> i.attempt AS stale,
+               {transition_allowed("i.to_status", "p.status")} AS allowed
+        FROM input AS i JOIN locked AS p ON p.id = i.job_id
+        CROSS JOIN LATERAL (SELECT {dispatch_issued("p", "i.dispatch_id")} AS issued) AS f
+    ), moved AS (
+        UPDATE provisioning_jobs AS j SET {
+        set_status_to(
+            "c.to_status",
+            error="c.error",
+            failed_step="c.failed_step",
+            failure_reason="c.failure_reason",
+        )
+    },
+            workflow_run_id = COALESCE(c.workflow_run_id, j.workflow_run_id),
+            dispatch_id = COALESCE(j.dispatch_id, c.dispatch_id)
+        FROM checked AS c
+        WHERE j.id = c.job_id AND c.fence_ok AND NOT c.stale AND c.allowed
+        RETURNING {job_columns("j")}, c.from_status, c.bound_before, c.n,
+                  c.actor AS by_actor, c.dispatch_id AS by_dispatch,
+                  c.workflow_run_id AS by_run, c.error AS by_error
+    ), event AS ({
+        record_events(
+            "moved",
+            actor="by_actor",
+            reason=f"CASE WHEN status = '{JobStatus.FAILED}' THEN by_error ELSE by_run END",
+        )
+    }), bound AS (
+        -- The first callback of a dispatch: its run exists (a 204 or an unknown outcome
+        -- learns the run id here). The lease is left to its holder: a dispatcher whose
+        -- request is still in flight records its answer (the run's URL) when it comes.
+        UPDATE dispatches AS d SET
+            state = CASE WHEN d.state IN ({WORKING}) THEN '{DispatchState.DISPATCHED}'
+                         ELSE d.state END,
+            workflow_run_id = COALESCE(d.workflow_run_id, m.by_run),
+            dispatched_at = COALESCE(d.dispatched_at, now()), updated_at = now()
+        FROM moved AS m WHERE d.id = m.by_dispatch AND m.bound_before IS NULL
+    ), superseded AS (
+        -- Any other live dispatch of the attempt lost.
+        UPDATE dispatches AS d SET state = '{DispatchState.SUPERSEDED}', updated_at = now()
+        FROM moved AS m
+        WHERE d.job_id = m.id AND d.attempt = m.attempt AND m.bound_before IS NULL
+          AND d.id <> m.by_dispatch AND d.state IN ({sql_list(LIVE_DISPATCH_STATES)})
+        RETURNING d.id, d.job_id, d.workflow_run_id
+    ), cancel AS ({
+        cancel_runs(
+            f'''SELECT workflow_run_id, job_id, id,
+                   'superseded: its attempt is bound to another run'
+            FROM superseded WHERE workflow_run_id IS NOT NULL
+            UNION ALL
+            SELECT c.workflow_run_id, c.job_id, c.dispatch_id, {_REFUSED_RUN_REASON}
+            FROM checked AS c
+            WHERE c.dispatch_id IS NOT NULL AND c.workflow_run_id IS NOT NULL
+              AND (NOT c.fence_ok OR c.stale)'''
+        )
+    }), cancel_known AS ({
+        cancel_attempt_runs(
+            "moved",
+            "'job failed by ' || m.by_actor",
+            f"m.status = '{JobStatus.FAILED}' AND m.by_actor <> '{Actor.WORKFLOW}'",
+        )
+    })
+    SELECT m.n, true AS moved, e.event_id, true AS issued, {job_columns("m")}
+    FROM moved AS m JOIN event AS e ON e.job_id = m.id
+    UNION ALL
+    SELECT c.n, false, NULL, c.issued, {job_columns("p")}
+    FROM checked AS c JOIN locked AS p ON p.id = c.job_id
+    WHERE NOT EXISTS (SELECT 1 FROM moved AS m WHERE m.n = c.n)
+    """
+)
+_MOVED_COLUMNS = 4  # n, moved, event_id, issued
 
 
-def _transition_statement(to: JobStatus) -> Statement:
-    """One transition in one statement: lock, fence, move, record, bind, cancel losers."""
-    rule = TRANSITIONS[to]
-    sets = set_status(
-        to,
-        error=":error",
-        failed_step=":failed_step",
-        failure_reason=":failure_reason",
+class _Transition(msgspec.Struct, frozen=True):
+    job_id: UUID
+    to_status: JobStatus
+    attempt: int | None
+    dispatch_id: UUID | None
+    workflow_run_id: str | None
+    error: str | None
+    failed_step: str | None
+    failure_reason: str | None
+    actor: str
+    repeat_ok: bool
+
+
+async def _run_transitions(requests: Sequence[_Transition]) -> list[Job | BaseException]:
+    fields = (
+        "job_id",
+        "to_status",
+        "attempt",
+        "dispatch_id",
+        "workflow_run_id",
+        "error",
+        "failed_step",
+        "failure_reason",
+        "actor",
     )
-    reason = ":error" if rule.carries_failure else ":workflow_run_id"
-    live = sql_list(LIVE_DISPATCH_STATES)
-    return Statement(
-        f"""
-        WITH locked AS (
-            SELECT {JOB_COLUMNS}, {dispatch_issued("p")} AS issued
-            FROM provisioning_jobs AS p WHERE id = :job_id FOR UPDATE
-        ), checked AS (
-            SELECT p.*, {_FENCE_OK} AS fence_ok,
-                   CAST(:attempt AS integer) IS NOT NULL AND p.attempt <> :attempt AS stale
-            FROM locked AS p
-        ), moved AS (
-            UPDATE provisioning_jobs AS j SET {sets},
-                workflow_run_id = COALESCE(:workflow_run_id, j.workflow_run_id),
-                dispatch_id = COALESCE(j.dispatch_id, :dispatch_id)
-            FROM checked AS locked
-            WHERE j.id = locked.id AND locked.fence_ok AND NOT locked.stale
-              AND locked.status IN ({sql_list(rule.sources)})
-            RETURNING {job_columns("j")}, locked.status AS from_status,
-                      locked.dispatch_id AS bound_before
-        ), event AS ({record_events("moved", actor=":actor", reason=reason)}
-        ), bound AS (
-            -- The first callback of a dispatch: its run exists (a 204 or an unknown
-            -- outcome learns the run id here); any other live dispatch of the attempt lost.
-            -- The lease is left to its holder: a dispatcher whose request is still in
-            -- flight records its answer (the run's URL) when it comes.
-            UPDATE dispatches AS d SET
-                state = CASE WHEN d.state IN ({WORKING}) THEN '{DispatchState.DISPATCHED}'
-                             ELSE d.state END,
-                workflow_run_id = COALESCE(d.workflow_run_id, :workflow_run_id),
-                dispatched_at = COALESCE(d.dispatched_at, now()), updated_at = now()
-            FROM moved WHERE d.id = :dispatch_id AND moved.bound_before IS NULL
-        ), superseded AS (
-            UPDATE dispatches AS d SET state = '{DispatchState.SUPERSEDED}', updated_at = now()
-            FROM moved
-            WHERE d.job_id = moved.id AND d.attempt = moved.attempt AND moved.bound_before IS NULL
-              AND d.id <> :dispatch_id AND d.state IN ({live})
-            RETURNING d.id, d.job_id, d.workflow_run_id
-        ), cancel AS ({
-            cancel_runs(
-                f'''SELECT workflow_run_id, job_id, id,
-                       'superseded: its attempt is bound to another run'
-                FROM superseded WHERE workflow_run_id IS NOT NULL
-                UNION ALL
-                SELECT :workflow_run_id, p.id, :dispatch_id, {_REFUSED_RUN_REASON}
-                FROM checked AS p
-                WHERE CAST(:dispatch_id AS uuid) IS NOT NULL AND :workflow_run_id IS NOT NULL
-                  AND (NOT p.fence_ok OR p.stale)'''
-            )
-        }), cancel_known AS ({
-            cancel_attempt_runs(
-                "moved",
-                "'job failed by ' || :actor",
-                f"m.status = '{JobStatus.FAILED}' AND :actor <> '{Actor.WORKFLOW}'",
-            )
-        })
-        SELECT true AS moved, true AS issued, {JOB_COLUMNS} FROM moved
-        UNION ALL
-        SELECT false, issued, {JOB_COLUMNS} FROM locked WHERE NOT EXISTS (SELECT 1 FROM moved)
-        """
-    )
-
-
-TRANSITION = {to: _transition_statement(to) for to in TRANSITIONS}
-"""The transition statement for each status a status update may ask for."""
+    rows = _by_n(await fetch(TRANSITIONS_BATCH, **_arrays(requests, *fields)))
+    answers: list[Job | BaseException] = []
+    committed: list[Committed] = []
+    for n, request in enumerate(requests, 1):
+        row = rows.get(n)
+        if row is not None and row["moved"]:
+            job = job_from_row(row, _MOVED_COLUMNS)
+            committed.append(Committed(row["event_id"], job.id, job.user_id, False))
+            metrics.TRANSITIONS.labels(request.to_status).inc()
+            answers.append(job)
+        else:
+            answers.append(_explain_unmoved(row, request))
+    announce(committed)
+    return answers
 
 
 def _refusal(
@@ -269,25 +418,18 @@ def _refusal(
     return None
 
 
-def _explain_unmoved(
-    row: asyncpg.Record | None,
-    job_id: UUID,
-    attempt: int | None,
-    wanted: JobStatus,
-    *,
-    dispatch_id: UUID | None = None,
-    repeat_ok: bool = True,
-) -> Job:
-    """Nothing moved: the idempotent repeat, or the error that says why."""
+def _explain_unmoved(row: asyncpg.Record | None, request: _Transition) -> Job | BaseException:
+    """Nothing moved: the idempotent repeat (the job), or the error that says why."""
     if row is None:
-        raise errors.NotFoundError("job not found", job_id=str(job_id))
-    job = job_from_row(row, 2)
-    refusal = _refusal(job, attempt, dispatch_id, row["issued"])
+        return errors.NotFoundError("job not found", job_id=str(request.job_id))
+    job = job_from_row(row, _MOVED_COLUMNS)
+    refusal = _refusal(job, request.attempt, request.dispatch_id, row["issued"])
     if refusal is not None:
-        raise refusal
-    if job.status == wanted and repeat_ok:
+        return refusal
+    wanted = request.to_status
+    if job.status == wanted and request.repeat_ok:
         return job
-    raise errors.InvalidTransitionError(
+    return errors.InvalidTransitionError(
         f"the job is already {wanted}"
         if job.status == wanted
         else f"cannot move a {job.status} job to {wanted}",
@@ -295,6 +437,11 @@ def _explain_unmoved(
         current_status=str(job.status),
         requested_status=str(wanted),
     )
+
+
+_transitions: Batcher[_Transition, Job] = Batcher(
+    "transition", _run_transitions, keys=lambda r: (r.job_id,)
+)
 
 
 async def update_job_status(
@@ -325,60 +472,107 @@ async def update_job_status(
         raise errors.InvalidTransitionError(
             f"unknown status {status!r}", reason="invalid_transition"
         ) from None
-    if wanted not in TRANSITION:
+    if wanted not in TRANSITIONS:
         raise errors.InvalidTransitionError(
             f"a job cannot be moved to {wanted} by a status update; use retry",
             reason="invalid_transition",
             requested_status=str(wanted),
         )
-    values: dict[str, Any] = {
-        "job_id": job_id,
-        "attempt": attempt,
-        "actor": actor,
-        "dispatch_id": dispatch_id,
-        "workflow_run_id": workflow_run_id,
-    }
-    if TRANSITIONS[wanted].carries_failure:
-        values["error"] = error or "failed"
-        values["failed_step"] = failed_step
-        values["failure_reason"] = failure_reason or FailureReason.WORKFLOW_ERROR
-    row = await fetchrow(TRANSITION[wanted], **values)
-    if row is not None and row["moved"]:
-        metrics.TRANSITIONS.labels(wanted).inc()
-        return job_from_row(row, 2)
-    return _explain_unmoved(
-        row, job_id, attempt, wanted, dispatch_id=dispatch_id, repeat_ok=repeat_ok
+    failing = TRANSITIONS[wanted].carries_failure
+    return await _transitions.submit(
+        _Transition(
+            job_id=job_id,
+            to_status=wanted,
+            attempt=attempt,
+            dispatch_id=dispatch_id,
+            workflow_run_id=workflow_run_id,
+            error=(error or "failed") if failing else None,
+            failed_step=failed_step if failing else None,
+            failure_reason=(failure_reason or FailureReason.WORKFLOW_ERROR) if failing else None,
+            actor=actor,
+            repeat_ok=repeat_ok,
+        )
     )
 
 
-# A heartbeat is no transition: a plain conditional UPDATE, no row lock taken first
-# and no history row. No index covers the columns it writes, so it is a HOT update.
-HEARTBEAT = Statement(
+# --------------------------------------------------------------------------- heartbeats
+
+# A heartbeat is no transition: no history row, and no index covers the columns it
+# writes, so it is a HOT update. A refused one says why from the same statement, and
+# cancels the run of a superseded or stale dispatch.
+HEARTBEATS = Statement(
     f"""
-    UPDATE provisioning_jobs AS p SET last_heartbeat_at = now(), updated_at = now()
-    WHERE id = :job_id AND status = '{JobStatus.PROVISIONING}' AND attempt = :attempt
-      AND {fence_ok("p", dispatch_issued("p"))}
-    RETURNING {JOB_COLUMNS}
-    """
-)
-# A refused heartbeat: why, and (a superseded or stale dispatch naming its run) that
-# run put up for cancellation, in the same statement.
-HEARTBEAT_REFUSED = Statement(
-    f"""
-    WITH job AS (
-        SELECT {JOB_COLUMNS}, {dispatch_issued("p")} AS issued
-        FROM provisioning_jobs AS p WHERE id = :job_id
+    WITH input AS (
+        SELECT * FROM unnest(
+            CAST(:job_id AS uuid[]), CAST(:attempt AS integer[]),
+            CAST(:dispatch_id AS uuid[]), CAST(:workflow_run_id AS text[])
+        ) WITH ORDINALITY AS i(job_id, attempt, dispatch_id, workflow_run_id, n)
+    ), locked AS (
+        SELECT {JOB_COLUMNS} FROM provisioning_jobs
+        WHERE id = ANY(CAST(:job_id AS uuid[])) ORDER BY id FOR NO KEY UPDATE
+    ), checked AS (
+        SELECT i.*, p.status, p.attempt AS current_attempt, f.issued,
+               {fence_ok("p", "f.issued", dispatch="i.dispatch_id")} AS fence_ok
+        FROM input AS i JOIN locked AS p ON p.id = i.job_id
+        CROSS JOIN LATERAL (SELECT {dispatch_issued("p", "i.dispatch_id")} AS issued) AS f
+    ), beat AS (
+        UPDATE provisioning_jobs AS j SET last_heartbeat_at = now(), updated_at = now()
+        FROM checked AS c
+        WHERE j.id = c.job_id AND c.status = '{JobStatus.PROVISIONING}'
+          AND c.current_attempt = c.attempt AND c.fence_ok
+        RETURNING {job_columns("j")}, c.n
     ), cancel AS ({
         cancel_runs(
-            f'''SELECT CAST(:workflow_run_id AS text), p.id, CAST(:dispatch_id AS uuid),
-                   {_REFUSED_RUN_REASON}
-            FROM job AS p
-            WHERE CAST(:dispatch_id AS uuid) IS NOT NULL AND :workflow_run_id IS NOT NULL
-              AND (p.attempt <> :attempt OR NOT {fence_ok("p", "p.issued")})'''
+            f'''SELECT c.workflow_run_id, c.job_id, c.dispatch_id, {_REFUSED_RUN_REASON}
+            FROM checked AS c
+            WHERE c.dispatch_id IS NOT NULL AND c.workflow_run_id IS NOT NULL
+              AND (c.current_attempt <> c.attempt OR NOT c.fence_ok)'''
         )
     })
-    SELECT issued, {JOB_COLUMNS} FROM job
+    SELECT b.n, true AS beat, true AS issued, {job_columns("b")} FROM beat AS b
+    UNION ALL
+    SELECT c.n, false, c.issued, {job_columns("p")}
+    FROM checked AS c JOIN locked AS p ON p.id = c.job_id
+    WHERE NOT EXISTS (SELECT 1 FROM beat AS b WHERE b.n = c.n)
     """
+)
+_BEAT_COLUMNS = 3  # n, beat, issued
+
+
+class _Heartbeat(msgspec.Struct, frozen=True):
+    job_id: UUID
+    attempt: int
+    dispatch_id: UUID | None
+    workflow_run_id: str | None
+
+
+async def _run_heartbeats(requests: Sequence[_Heartbeat]) -> list[Job | BaseException]:
+    fields = ("job_id", "attempt", "dispatch_id", "workflow_run_id")
+    rows = _by_n(await fetch(HEARTBEATS, **_arrays(requests, *fields)))
+    answers: list[Job | BaseException] = []
+    for n, request in enumerate(requests, 1):
+        row = rows.get(n)
+        if row is None:
+            answers.append(errors.NotFoundError("job not found", job_id=str(request.job_id)))
+            continue
+        job = job_from_row(row, _BEAT_COLUMNS)
+        if row["beat"]:
+            answers.append(job)
+            continue
+        refusal = _refusal(job, request.attempt, request.dispatch_id, row["issued"])
+        answers.append(
+            refusal
+            or errors.InvalidTransitionError(
+                f"heartbeats are only taken while provisioning; the job is {job.status}",
+                reason="invalid_transition",
+                current_status=str(job.status),
+            )
+        )
+    return answers
+
+
+_heartbeats: Batcher[_Heartbeat, Job] = Batcher(
+    "heartbeat", _run_heartbeats, keys=lambda r: (r.job_id,)
 )
 
 
@@ -392,38 +586,25 @@ async def record_heartbeat(
     """Note a sign of life from the workflow running this attempt (and dispatch, if named).
 
     Only a provisioning job of the same attempt takes it: one whose timeout passed
-    but which the sweeper has not failed yet is still alive, and is kept. When it
-    is refused, one more statement says why (that path is rare: a late or confused
-    caller) and cancels the run of a superseded or stale dispatch.
+    but which the sweeper has not failed yet is still alive, and is kept. A refusal
+    says why; the run of a superseded or stale dispatch is put up for cancellation.
     """
-    values = {"job_id": job_id, "attempt": attempt, "dispatch_id": dispatch_id}
-    for _ in range(2):
-        row = await fetchrow(HEARTBEAT, **values)
-        if row is not None:
-            return job_from_row(row)
-        row = await fetchrow(HEARTBEAT_REFUSED, workflow_run_id=workflow_run_id, **values)
-        if row is None:
-            raise errors.NotFoundError("job not found", job_id=str(job_id))
-        job = job_from_row(row, 1)
-        refusal = _refusal(job, attempt, dispatch_id, row["issued"])
-        if refusal is not None:
-            raise refusal
-        if job.status != JobStatus.PROVISIONING:
-            raise errors.InvalidTransitionError(
-                f"heartbeats are only taken while provisioning; the job is {job.status}",
-                reason="invalid_transition",
-                current_status=str(job.status),
-            )
-        # It was claimed between the two statements: take the heartbeat now, once more.
-    raise errors.ConflictError(
-        "the job changed while the heartbeat arrived; send it again", reason="retry"
+    return await _heartbeats.submit(
+        _Heartbeat(
+            job_id=job_id,
+            attempt=attempt,
+            dispatch_id=dispatch_id,
+            workflow_run_id=workflow_run_id,
+        )
     )
 
+
+# --------------------------------------------------------------------------- retry
 
 RETRY = Statement(
     f"""
     WITH locked AS (
-        SELECT {JOB_COLUMNS} FROM provisioning_jobs WHERE id = :job_id FOR UPDATE
+        SELECT {JOB_COLUMNS} FROM provisioning_jobs WHERE id = :job_id FOR NO KEY UPDATE
     ), moved AS (
         UPDATE provisioning_jobs AS j SET
             status = '{JobStatus.QUEUED}', retry_count = j.retry_count + 1,
@@ -438,9 +619,9 @@ RETRY = Statement(
           AND (locked.retry_count < locked.max_retries OR :grant_extra)
         RETURNING {job_columns("j")}, locked.status AS from_status
     ), event AS ({record_events("moved", actor=":actor", reason=":reason")})
-    SELECT true AS moved, {JOB_COLUMNS} FROM moved
+    SELECT true AS moved, e.event_id, {JOB_COLUMNS} FROM moved JOIN event AS e ON e.job_id = id
     UNION ALL
-    SELECT false, {JOB_COLUMNS} FROM locked WHERE NOT EXISTS (SELECT 1 FROM moved)
+    SELECT false, NULL, {JOB_COLUMNS} FROM locked WHERE NOT EXISTS (SELECT 1 FROM moved)
     """
 )
 
@@ -466,10 +647,12 @@ async def retry_job(
     )
     if row is not None and row["moved"]:
         metrics.TRANSITIONS.labels(JobStatus.QUEUED).inc()
-        return job_from_row(row, 1)
+        job = job_from_row(row, 2)
+        announce([Committed(row["event_id"], job.id, job.user_id, True)])
+        return job
     if row is None:
         raise errors.NotFoundError("job not found", job_id=str(job_id))
-    job = job_from_row(row, 1)
+    job = job_from_row(row, 2)
     if job.status not in RETRY_SOURCES:
         raise errors.InvalidTransitionError(
             f"only failed jobs can be retried; the job is {job.status}",
@@ -488,7 +671,8 @@ async def retry_job(
 # for the timeout, or provisioning past the hard deadline. SKIP LOCKED: a row a
 # heartbeat (or another replica's sweep) holds right now is not stale; FOR UPDATE
 # re-checks the condition on the latest version, so a heartbeat that committed
-# first wins and the job stays provisioning.
+# first wins and the job stays provisioning. (NO KEY: nothing here changes a key,
+# so the foreign-key checks of rows that reference the job never wait on it.)
 _LAST_SIGN_OF_LIFE = "COALESCE(last_heartbeat_at, claimed_at, updated_at)"
 _QUEUED = f"status = '{JobStatus.QUEUED}'"
 _PROVISIONING = f"status = '{JobStatus.PROVISIONING}'"
@@ -520,20 +704,25 @@ def _fail_stale(scope: str, limit: str = "") -> str:
         FROM provisioning_jobs
         WHERE {scope} AND {_STALE_CONDITION}
         {limit}
-        FOR UPDATE SKIP LOCKED
+        FOR NO KEY UPDATE SKIP LOCKED
     ), moved AS ({fail_jobs("stale", error="stale.error", failure_reason="stale.reason")}
     ), event AS ({record_events("moved", actor=f"'{Actor.SYSTEM}'", reason="error")}
     ), cancel AS ({cancel_attempt_runs("moved", "'timed out: ' || m.failure_reason")}
     )"""
 
 
-SWEEP = Statement(_fail_stale("true", "LIMIT :batch") + f"\n    SELECT {JOB_COLUMNS} FROM moved")
+SWEEP = Statement(
+    _fail_stale("true", "LIMIT :batch")
+    + f"""
+    SELECT e.event_id, {job_columns("m")} FROM moved AS m JOIN event AS e ON e.job_id = m.id"""
+)
 GET_JOB_CHECKED = Statement(
     _fail_stale("id = :job_id")
     + f"""
-    SELECT true AS timed_out, {JOB_COLUMNS} FROM moved
+    SELECT true AS timed_out, e.event_id, {job_columns("m")}
+    FROM moved AS m JOIN event AS e ON e.job_id = m.id
     UNION ALL
-    SELECT false, {JOB_COLUMNS} FROM provisioning_jobs
+    SELECT false, NULL, {JOB_COLUMNS} FROM provisioning_jobs
     WHERE id = :job_id AND NOT EXISTS (SELECT 1 FROM moved)"""
 )
 
@@ -557,9 +746,10 @@ async def _get_job_checked(job_id: UUID) -> tuple[Job, bool]:
     row = await fetchrow(GET_JOB_CHECKED, job_id=job_id, **timeouts())
     if row is None:
         raise errors.NotFoundError("job not found", job_id=str(job_id))
-    job = job_from_row(row, 1)
+    job = job_from_row(row, 2)
     if row["timed_out"]:
         _count_stale(job)
+        announce([Committed(row["event_id"], job.id, job.user_id, False)])
     return job, row["timed_out"]
 
 
@@ -580,9 +770,12 @@ async def sweep_stale_jobs(batch_size: int = 1000) -> list[Job]:
     failed: list[Job] = []
     while True:
         rows = await fetch(SWEEP, batch=batch_size, **timeouts())
-        for job in map(job_from_row, rows):
+        jobs = [job_from_row(row, 1) for row in rows]
+        for job in jobs:
             _count_stale(job)
-            failed.append(job)
+        events = zip(rows, jobs, strict=True)
+        announce([Committed(row["event_id"], job.id, job.user_id, False) for row, job in events])
+        failed += jobs
         if len(rows) < batch_size:
             return failed
 

@@ -18,13 +18,17 @@ from uuid import UUID
 import asyncpg
 
 from jobs_app.core import errors
+from jobs_app.core.lifecycle import JobStatus
 from jobs_app.core.models import Job, JobEvent
 from jobs_app.db.fragments import job_columns
 from jobs_app.db.statement import Statement, fetch, fetchrow
+from jobs_app.services.announcements import Committed
 
 __all__ = [
     "StreamEvent",
+    "committed_since",
     "job_events_after",
+    "latest_event_id",
     "open_job_stream",
     "open_user_stream",
     "user_events_after",
@@ -115,3 +119,28 @@ async def user_events_after(user_id: UUID, after: int, limit: int) -> list[Strea
     """The events of all the user's jobs with id > `after`, oldest first, at most `limit`."""
     rows = await fetch(_USER_EVENTS_AFTER, user_id=user_id, after=after, limit=limit)
     return [_stream_event(r) for r in rows]
+
+
+# --------------------------------------------------------------------------- catch-up
+
+LATEST_EVENT = Statement("SELECT COALESCE(max(id), 0) FROM job_events")
+COMMITTED_SINCE = Statement(
+    f"""SELECT e.id, e.job_id, j.user_id, e.to_status = '{JobStatus.QUEUED}'
+        FROM job_events AS e JOIN provisioning_jobs AS j ON j.id = e.job_id
+        WHERE e.id > :after OR e.id = ANY(CAST(:missing AS bigint[]))
+        ORDER BY e.id LIMIT :limit"""
+)
+
+
+async def latest_event_id() -> int:
+    """The newest event's id (0 when there is none)."""
+    row = await fetchrow(LATEST_EVENT)
+    assert row is not None
+    return int(row[0])
+
+
+async def committed_since(after: int, missing: list[int], limit: int) -> list[Committed]:
+    """Events with id > `after`, or among `missing`, oldest first, at most `limit`: what
+    the catch-up read looks at (whom each concerns)."""
+    rows = await fetch(COMMITTED_SINCE, after=after, missing=missing, limit=limit)
+    return [Committed(*row) for row in rows]

@@ -1,0 +1,148 @@
+"""Group commit: concurrent calls of one kind, coalesced into one statement and one commit.
+
+A `Batcher` takes requests from any number of concurrent callers and runs them in
+batches through one function (one statement over arrays), each caller getting its own
+answer, exactly as it would alone. Batching is natural: a caller alone goes at once (no
+timer, no added wait); while a batch is in the database, the next one gathers.
+
+- Requests with a key in common (the same job, the same Stripe event, the same user)
+  never share a batch: the later one waits for the next batch, so it sees the earlier
+  one's committed result, as it would have alone.
+- A batch whose statement raises (a constraint that only one row trips) falls back to
+  running its requests one by one, so only that caller gets the error.
+- A batch runs in a task of its own: a caller cancelled while it runs (client gone, a
+  timeout) neither breaks it nor loses its committed change; it only stops waiting.
+- Batch size is bounded (`max_size`); a request waits at most for the batch in flight
+  and its own, each bounded by the statement timeout.
+- Inside a transaction (the engine's current one) a request runs on its own, on that
+  transaction's connection: its commit is the caller's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
+from typing import Generic, TypeVar
+
+import asyncpg
+
+from jobs_app.core import errors, metrics
+from jobs_app.db.connector import in_transaction
+
+Request = TypeVar("Request")
+Answer = TypeVar("Answer")
+
+RunBatch = Callable[[Sequence[Request]], Awaitable[Sequence[Answer | BaseException]]]
+"""Runs requests in one statement: an answer, or the error to raise, for each, in order."""
+
+
+class Batcher(Generic[Request, Answer]):
+    """See the module docstring. `keys(request)` names what two requests must not share."""
+
+    def __init__(
+        self,
+        name: str,
+        run: RunBatch[Request, Answer],
+        *,
+        keys: Callable[[Request], Iterable[Hashable]],
+        max_size: int = 200,
+    ) -> None:
+        self.name = name
+        self._run = run
+        self._keys = keys
+        self.max_size = max_size
+        self._pending: deque[tuple[Request, asyncio.Future[Answer]]] = deque()
+        self._worker: asyncio.Task[None] | None = None
+        self._sizes = metrics.BATCH_SIZE.labels(name)
+
+    async def submit(self, request: Request) -> Answer:
+        """The answer to `request`, once its batch has committed (or its error)."""
+        if in_transaction():
+            [answer] = await self._run([request])
+            if isinstance(answer, BaseException):
+                raise answer
+            return answer
+        future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+        self._pending.append((request, future))
+        if self._worker is None:
+            self._worker = asyncio.create_task(self._work(), name=f"batcher {self.name}")
+        # Cancelling the caller cancels only its wait: the batch goes on without it.
+        return await future
+
+    async def _work(self) -> None:
+        try:
+            while self._pending:
+                batch = self._take()
+                await self._settle(batch)
+        finally:
+            self._worker = None
+
+    def _take(self) -> list[tuple[Request, asyncio.Future[Answer]]]:
+        """The next batch: oldest first, no two requests sharing a key, at most max_size;
+        requests whose caller stopped waiting are dropped before they are sent."""
+        batch: list[tuple[Request, asyncio.Future[Answer]]] = []
+        taken: set[Hashable] = set()
+        later: deque[tuple[Request, asyncio.Future[Answer]]] = deque()
+        while self._pending and len(batch) < self.max_size:
+            request, future = self._pending.popleft()
+            if future.done():
+                continue
+            keys = set(self._keys(request))
+            if keys & taken:
+                later.append((request, future))
+                continue
+            taken |= keys
+            batch.append((request, future))
+        later.extend(self._pending)
+        self._pending = later
+        return batch
+
+    async def _settle(self, batch: list[tuple[Request, asyncio.Future[Answer]]]) -> None:
+        if not batch:
+            return
+        self._sizes.observe(len(batch))
+        requests = [request for request, _ in batch]
+        try:
+            try:
+                answers: list[Answer | BaseException] = list(await self._run(requests))
+            except Exception as exc:
+                if len(batch) == 1 or not _row_specific(exc):
+                    answers = [exc] * len(batch)
+                else:
+                    # One row tripped something: each on its own, so only its caller sees it.
+                    answers = [await self._alone(request) for request in requests]
+        except BaseException:
+            # The worker itself is cancelled (the loop is closing): nobody waits forever.
+            for _, future in batch:
+                future.cancel()
+            raise
+        for (_, future), answer in zip(batch, answers, strict=True):
+            if future.done():  # the caller stopped waiting; its change stands
+                continue
+            if isinstance(answer, BaseException):
+                future.set_exception(answer)
+            else:
+                future.set_result(answer)
+
+    async def _alone(self, request: Request) -> Answer | BaseException:
+        try:
+            [answer] = await self._run([request])
+        except Exception as exc:
+            return exc
+        return answer
+
+
+def _row_specific(exc: Exception) -> bool:
+    """Whether an error may belong to one row of a batch (a constraint, the transition
+    trigger, a deadlock), so that the others should be tried alone. A database that is
+    down or a statement that timed out would only fail them all again, one by one."""
+    if isinstance(exc, errors.DatabaseUnavailableError):
+        return False
+    return isinstance(
+        exc,
+        errors.DomainError
+        | asyncpg.IntegrityConstraintViolationError
+        | asyncpg.exceptions.RaiseError
+        | asyncpg.exceptions.TransactionRollbackError,
+    )
