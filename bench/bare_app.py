@@ -58,11 +58,9 @@ class Heartbeat(msgspec.Struct):
 @post("/api/callbacks/jobs/{job_id:uuid}/heartbeat", status_code=204)
 async def heartbeat(job_id: UUID, data: Heartbeat) -> None:
     assert _pool is not None
-    statement = jobs.HEARTBEAT
-    await _pool.fetchrow(
-        statement.sql,
-        *statement.args({"job_id": job_id, "attempt": data.attempt, "dispatch_id": None}),
-    )
+    statement = jobs.HEARTBEATS  # the service's statement, for one heartbeat
+    one = {"job_id": job_id, "attempt": data.attempt, "dispatch_id": None, "workflow_run_id": None}
+    await _pool.fetchrow(statement.sql, *statement.args({k: [v] for k, v in one.items()}))
 
 
 @get("/api/jobs/{job_id:uuid}")

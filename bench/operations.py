@@ -1,5 +1,7 @@
 """The operations measured, each twice: through `jobs_app.services.jobs`, and as the same SQL
-text (the service layer's own compiled statements) with the same arguments.
+text (the service layer's own compiled statements) with the same arguments, one call at
+a time (the batched statements with arrays of one): the raw side never coalesces calls,
+the service does (group commit), so under concurrency the ratio shows what batching buys.
 
 An operation's inputs are dicts of the statement's named values. Single-use
 operations (enqueue, claim, complete) consume theirs, so fresh rows are seeded for
@@ -40,6 +42,18 @@ def _step(statement: Any, **fixed: Any) -> Callable[[Values], Step]:
         return statement.sql, statement.args(values | fixed)
 
     return build
+
+
+def _alone(statement: Any, **fixed: Any) -> Callable[[Values], Step]:
+    """A batched statement (array parameters) for one call: arrays of one element."""
+
+    def build(values: Values) -> Step:
+        return statement.sql, statement.args({k: [v] for k, v in (values | fixed).items()})
+
+    return build
+
+
+_NO_FAILURE = {"error": None, "failed_step": None, "failure_reason": None}
 
 
 async def raw_call(pool: asyncpg.Pool, steps: list[Step]) -> None:
@@ -91,7 +105,7 @@ async def _get_job(v: Values) -> object:
     return await jobs.get_job(v["job_id"])
 
 
-_T = jobs.TRANSITION
+_T = jobs.TRANSITIONS_BATCH
 
 OPERATIONS: dict[str, Operation] = {
     op.name: op
@@ -100,36 +114,43 @@ OPERATIONS: dict[str, Operation] = {
             "enqueue",
             True,
             _enqueue,
-            (_step(jobs.ENQUEUE, region="us-east", max_retries=3, actor=Actor.API),),
+            (_alone(jobs.ENQUEUE, region="us-east", max_retries=3, actor=Actor.API),),
         ),
         Operation(
             "claim",
             True,
             _claim,
             (
-                _step(
-                    _T[JobStatus.PROVISIONING],
+                _alone(
+                    _T,
+                    to_status=JobStatus.PROVISIONING,
                     workflow_run_id=_WORKFLOW_RUN,
                     attempt=1,
                     dispatch_id=None,
                     actor=Actor.WORKFLOW,
+                    **_NO_FAILURE,
                 ),
             ),
         ),
         Operation(
-            "heartbeat", False, _heartbeat, (_step(jobs.HEARTBEAT, attempt=1, dispatch_id=None),)
+            "heartbeat",
+            False,
+            _heartbeat,
+            (_alone(jobs.HEARTBEATS, attempt=1, dispatch_id=None, workflow_run_id=None),),
         ),
         Operation(
             "complete",
             True,
             _complete,
             (
-                _step(
-                    _T[JobStatus.RUNNING],
+                _alone(
+                    _T,
+                    to_status=JobStatus.RUNNING,
                     workflow_run_id=None,
                     attempt=1,
                     dispatch_id=None,
                     actor=Actor.WORKFLOW,
+                    **_NO_FAILURE,
                 ),
             ),
         ),
@@ -138,8 +159,9 @@ OPERATIONS: dict[str, Operation] = {
             False,
             _fail_retry,
             (
-                _step(
-                    _T[JobStatus.FAILED],
+                _alone(
+                    _T,
+                    to_status=JobStatus.FAILED,
                     workflow_run_id=None,
                     attempt=None,
                     error="bench failure",

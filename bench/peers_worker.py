@@ -247,8 +247,12 @@ async def seed_jobs_app(probe: Probe, args: Any) -> None:
 @contextlib.asynccontextmanager
 async def jobs_app(args: Any, extra: dict[str, Any]) -> AsyncIterator[Load]:
     """enqueue -> provisioning -> running, three service calls per job, a fresh user each.
-    A caller finishes the job it has begun before it stops."""
-    from jobs_app import database
+    A caller finishes the job it has begun before it stops. The process runs what a
+    `jobs-app serve` process runs beside its requests (the listener announcing every
+    commit to live streams and other replicas, and the sweeper), the dispatcher aside."""
+    from jobs_app.core.settings import get_settings
+    from jobs_app.db import connector as database
+    from jobs_app.loops.background import BackgroundLoops
 
     service = service_module()
     owners = (
@@ -260,6 +264,8 @@ async def jobs_app(args: Any, extra: dict[str, Any]) -> AsyncIterator[Load]:
     await database.start_pool(
         min_size=args.pool, max_size=args.pool, connection_class=CountingConnection
     )
+    loops = BackgroundLoops(get_settings(), dispatch=False)
+    await loops.start()
 
     async def lifecycle() -> bool:
         nonlocal done, exhausted
@@ -282,9 +288,11 @@ async def jobs_app(args: Any, extra: dict[str, Any]) -> AsyncIterator[Load]:
         yield Load(lambda: done, lambda: tally.round_trips)
     finally:
         await _stopped(stop, callers)
+        await loops.stop()
         await database.close_pool()
     extra.update(
         service_module=service.__name__,
+        live_updates="on (listener, announcements, catch-up read, sweeper)",
         pool=f"asyncpg, min=max={args.pool}, no reset round trip (jobs_app's own pool)",
         in_flight=args.callers,
         exhausted=exhausted,
@@ -399,7 +407,7 @@ PREPARE = {"jobs_app": seed_jobs_app}
 async def setup(system: str, url: str) -> dict[str, Any]:
     started = time.perf_counter()
     if system == "jobs_app":
-        from jobs_app import database
+        from jobs_app.db import connector as database
 
         await database.migrate()
     elif system == "pgqueuer":

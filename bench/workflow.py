@@ -52,26 +52,56 @@ async def lifecycle(ctx: Context) -> dict[str, Any]:
         await jobs.update_job_status(job.id, status=JobStatus.RUNNING, attempt=job.attempt)
 
     pool = await raw_pool(ctx.url)
-    claim = jobs.TRANSITION[JobStatus.PROVISIONING]
-    running = jobs.TRANSITION[JobStatus.RUNNING]
-    heartbeat = jobs.HEARTBEAT
-    step = {"attempt": 1, "actor": Actor.WORKFLOW, "dispatch_id": None}
+    transition, heartbeat = jobs.TRANSITIONS_BATCH, jobs.HEARTBEATS
+
+    def one(statement: Any, **values: Any) -> list[Any]:
+        """A batched statement's arguments for one call (arrays of one)."""
+        return statement.args({k: [v] for k, v in values.items()})
+
+    moved = {"attempt": 1, "actor": Actor.WORKFLOW, "dispatch_id": None}
+    moved |= {"error": None, "failed_step": None, "failure_reason": None}
 
     async def raw_lifecycle(user_id: Any, agent_id: Any) -> None:
-        """The same six statements on a plain pool of the same size."""
+        """The same six statements on a plain pool of the same size, one call at a time."""
         evt = f"evt_{tag}_{next(serial)}"
         row = await pool.fetchrow(
-            jobs.ENQUEUE.sql, agent_id, user_id, evt, "us-east", 3, Actor.API
+            jobs.ENQUEUE.sql,
+            *one(
+                jobs.ENQUEUE,
+                agent_id=agent_id,
+                user_id=user_id,
+                stripe_event_id=evt,
+                region="us-east",
+                max_retries=3,
+                actor=Actor.API,
+            ),
         )
         assert row is not None
         job_id = row["id"]
         await pool.fetchrow(
-            claim.sql, *claim.args(step | {"job_id": job_id, "workflow_run_id": "wf"})
+            transition.sql,
+            *one(
+                transition,
+                job_id=job_id,
+                to_status=JobStatus.PROVISIONING,
+                workflow_run_id="wf",
+                **moved,
+            ),
         )
         for _ in range(3):
-            await pool.fetchrow(heartbeat.sql, *heartbeat.args(step | {"job_id": job_id}))
+            await pool.fetchrow(
+                heartbeat.sql,
+                *one(heartbeat, job_id=job_id, attempt=1, dispatch_id=None, workflow_run_id=None),
+            )
         await pool.fetchrow(
-            running.sql, *running.args(step | {"job_id": job_id, "workflow_run_id": None})
+            transition.sql,
+            *one(
+                transition,
+                job_id=job_id,
+                to_status=JobStatus.RUNNING,
+                workflow_run_id=None,
+                **moved,
+            ),
         )
 
     await ctx.conn.execute(

@@ -3,8 +3,9 @@
 The service layer now announces what it commits itself, after the commit and once per
 round (jobs_app/loops/listener.py): a transition's commit no longer takes PostgreSQL's
 instance-wide NOTIFY lock. Its pool's connections carry the session setting
-`jobs_app.writer = 'service'`; every other writer (an operator's hand-written SQL, a
-migration, a script) is still announced by this trigger, in its own transaction.
+`jobs_app.writer = 'service'`, and the trigger fires only when it is not set: every other
+writer (an operator's hand-written SQL, a migration, a script) is still announced, in
+its own transaction, by the same function as before.
 """
 
 from piccolo.apps.migrations.auto.migration_manager import MigrationManager
@@ -14,45 +15,23 @@ ID = "2026-12-02T19:30:00:000000"
 VERSION = "1.38.0"
 DESCRIPTION = "job_events trigger silent for the service layer"
 
-_FUNCTION = """CREATE OR REPLACE FUNCTION job_events_notify() RETURNS trigger
-    LANGUAGE plpgsql AS $$
-    DECLARE
-        first_id bigint;
-        last_id bigint;
-        any_queued boolean;
-        payload text;
-    BEGIN
-        {skip}
-        SELECT min(id), max(id), bool_or(to_status = 'queued')
-          INTO first_id, last_id, any_queued FROM new_events;
-        IF first_id IS NULL THEN
-            RETURN NULL;
-        END IF;
-        SELECT json_build_object(
-                   'first', first_id, 'last', last_id, 'queued', any_queued,
-                   'jobs', (SELECT json_agg(DISTINCT job_id) FROM new_events),
-                   'users', (SELECT json_agg(DISTINCT j.user_id)
-                             FROM provisioning_jobs j
-                             WHERE j.id IN (SELECT job_id FROM new_events)))::text
-          INTO payload;
-        IF octet_length(payload) > 7900 THEN
-            payload := json_build_object(
-                'first', first_id, 'last', last_id, 'queued', any_queued)::text;
-        END IF;
-        PERFORM pg_notify('job_events', payload);
-        RETURN NULL;
-    END
-    $$"""
+_CREATE_TRIGGER = """CREATE TRIGGER job_events_notify
+        AFTER INSERT ON job_events
+        REFERENCING NEW TABLE AS new_events
+        FOR EACH STATEMENT {when} EXECUTE FUNCTION job_events_notify()"""
 
 FORWARDS = [
-    _FUNCTION.format(
-        skip="""-- The service layer announces its own writes, after their commit.
-        IF current_setting('jobs_app.writer', true) = 'service' THEN
-            RETURN NULL;
-        END IF;"""
-    )
+    "DROP TRIGGER job_events_notify ON job_events",
+    # The condition is checked before the function is called: the service layer's
+    # statements pay no plpgsql call.
+    _CREATE_TRIGGER.format(
+        when="WHEN (current_setting('jobs_app.writer', true) IS DISTINCT FROM 'service')"
+    ),
 ]
-BACKWARDS = [_FUNCTION.format(skip="")]
+BACKWARDS = [
+    "DROP TRIGGER job_events_notify ON job_events",
+    _CREATE_TRIGGER.format(when=""),
+]
 
 
 async def _run_all(statements: list[str]) -> None:

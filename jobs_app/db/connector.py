@@ -156,9 +156,12 @@ async def start_pool(settings: Settings | None = None, **pool_options: Any) -> N
         "command_timeout": settings.db_timeout_seconds,
         "timeout": settings.db_timeout_seconds,
         "reset": _keep_session,
-        # The service layer announces what it commits itself, after the commit (see
-        # services/announcements.py): the job_events trigger stays silent for it.
-        "server_settings": {"application_name": "jobs_app", SERVICE_WRITER_SETTING: "service"},
+        "server_settings": {
+            "application_name": "jobs_app",
+            # The service layer announces what it commits itself, after the commit (see
+            # services/announcements.py): the job_events trigger stays silent for it.
+            SERVICE_WRITER_SETTING: "service",
+        },
     }
     await engine.start_connection_pool(**(options | pool_options))
 
