@@ -608,3 +608,26 @@ async def test_the_sweeper_timing_a_job_out_cancels_its_run(db, user_agent):
 
 async def test_dispatches_of_an_unknown_job_are_none(db):
     assert await dispatches.list_dispatches(uuid.uuid4()) is None
+
+
+async def test_an_idle_round_is_one_statement(db, monkeypatch):
+    """Nothing to fail, cancel or claim: a round costs one statement (one round trip)."""
+    from jobs_app.db import statement
+
+    sent: list[str] = []
+    real_fetch, real_fetchrow = statement.fetch, statement.fetchrow
+
+    async def fetch(stmt: Any, **values: Any) -> Any:
+        sent.append(stmt.sql)
+        return await real_fetch(stmt, **values)
+
+    async def fetchrow(stmt: Any, **values: Any) -> Any:
+        sent.append(stmt.sql)
+        return await real_fetchrow(stmt, **values)
+
+    monkeypatch.setattr(dispatches, "fetch", fetch)
+    monkeypatch.setattr(dispatches, "fetchrow", fetchrow)
+    dispatcher = Dispatcher(ScriptedProvisioner(), settings())
+    for _ in range(3):
+        assert await round_(dispatcher) == 0
+    assert len(sent) == 3 and set(sent) == {dispatches.ROUND.sql}

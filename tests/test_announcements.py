@@ -1,0 +1,173 @@
+"""Live updates without a NOTIFY lock per transition: what a replica never announced, and
+what another writer made by hand, still reaches the streams of another replica; a job
+queued through one replica wakes the dispatcher of another at once.
+
+Conditions are forced, not hoped for: the writer that never announces is a process that
+commits a transition through the service layer with no listener, then kills itself
+(SIGKILL) before it could announce anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import sys
+import time
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from jobs_app.core.settings import get_settings
+from jobs_app.loops.dispatcher import Dispatcher
+from jobs_app.loops.listener import Listener
+from tests.conftest import API_HEADERS, LoggedServer, record_figure
+from tests.http_helpers import make_job
+from tests.sse_helpers import SSEReader
+from tests.test_dispatch import PUBLIC, ScriptedProvisioner
+
+CATCH_UP_BOUND = 2.0
+"""Seconds within which a committed event nobody announced reaches a stream."""
+
+KILLED_WRITER = r"""
+import asyncio, os, signal, sys, uuid
+from jobs_app.db import connector
+from jobs_app.services import jobs
+
+async def main():
+    await connector.start_pool()
+    await jobs.update_job_status(uuid.UUID(sys.argv[1]), status=sys.argv[2], attempt=1)
+    print("committed", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)  # before anything could be announced
+
+asyncio.run(main())
+"""
+
+
+@pytest.fixture(scope="module")
+async def replica(database: str) -> AsyncIterator[LoggedServer]:
+    server = LoggedServer(database, 1)
+    try:
+        await server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def api(replica: LoggedServer) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=replica.url, headers=API_HEADERS, timeout=20) as c:
+        yield c
+
+
+async def test_a_commit_never_announced_reaches_another_replicas_stream(
+    api: httpx.AsyncClient, database: str
+) -> None:
+    job = await make_job(api)
+    job_stream = SSEReader(api, f"/api/jobs/{job['id']}/events/stream")
+    user_stream = SSEReader(api, f"/api/users/{job['user_id']}/events/stream")
+    try:
+        await job_stream.wait_for(1)  # the enqueue
+        await user_stream.wait_open()
+        delays = []
+        for status in ("provisioning", "running"):
+            writer = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-c",
+                KILLED_WRITER,
+                job["id"],
+                status,
+                env={**os.environ, "DATABASE_URL": database},
+                stdout=asyncio.subprocess.PIPE,
+            )
+            out, _ = await asyncio.wait_for(writer.communicate(), 60)
+            committed = time.time()
+            assert out == b"committed\n" and writer.returncode == -9, (out, writer.returncode)
+            seen = len(job_stream.events) + 1
+            await job_stream.wait_for(seen, within=CATCH_UP_BOUND + 5)
+            await user_stream.wait_for(seen - 1, within=CATCH_UP_BOUND + 5)
+            delays.append(job_stream.received_at[-1] - committed)
+            assert job_stream.events[-1]["data"]["to_status"] == status
+            assert user_stream.events[-1]["id"] == job_stream.events[-1]["id"]
+        assert max(delays) < CATCH_UP_BOUND, delays
+        record_figure(
+            "live: commits never announced (writer killed), caught up by another replica",
+            delays_s=[round(d, 2) for d in delays],
+            bound_s=CATCH_UP_BOUND,
+        )
+    finally:
+        await job_stream.close()
+        await user_stream.close()
+
+
+async def test_a_transition_made_by_hand_in_psql_reaches_the_streams(
+    api: httpx.AsyncClient, database: str
+) -> None:
+    job = await make_job(api)
+    stream = SSEReader(api, f"/api/jobs/{job['id']}/events/stream")
+    try:
+        await stream.wait_for(1)
+        script = f"""BEGIN;
+            UPDATE provisioning_jobs SET status = 'failed', failure_reason = 'operator',
+                error = 'by hand', completed_at = now(), updated_at = now()
+            WHERE id = '{job["id"]}';
+            INSERT INTO job_events (job_id, from_status, to_status, attempt, actor, reason)
+            VALUES ('{job["id"]}', 'queued', 'failed', 1, 'operator:dba', 'by hand');
+            COMMIT;"""
+        psql = await asyncio.create_subprocess_exec(
+            "psql", "-q", "-v", "ON_ERROR_STOP=1", database, "-c", script,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        _, err = await asyncio.wait_for(psql.communicate(), 60)
+        committed = time.time()
+        assert psql.returncode == 0, err.decode()
+        await stream.wait_for(2, within=CATCH_UP_BOUND + 5)
+        delay = stream.received_at[-1] - committed
+        assert stream.events[-1]["data"]["actor"] == "operator:dba"
+        assert stream.events[-1]["data"]["job"]["status"] == "failed"
+        assert delay < CATCH_UP_BOUND, delay
+        record_figure("live: a transition made by hand in psql", delay_s=round(delay, 3))
+    finally:
+        await stream.close()
+
+
+async def test_a_job_queued_through_one_replica_wakes_anothers_dispatcher(
+    api: httpx.AsyncClient, database: str
+) -> None:
+    """This test process is the other replica: a dispatcher that polls only every 30 s
+    and a listener. Each job enqueued through the server is dispatched here at once."""
+    import msgspec
+
+    settings = msgspec.structs.replace(
+        get_settings(), public_url=PUBLIC, dispatch_interval_seconds=30.0
+    )
+    provisioner = ScriptedProvisioner()
+    dispatcher = Dispatcher(provisioner, settings)
+    listener = Listener(database)
+    await listener.start()
+    listener.add_observer(lambda n: dispatcher.wake() if n.queued else None)
+    async with asyncio.timeout(30):
+        await listener.listening.wait()
+    dispatcher.start()
+    try:
+        delays: list[float] = []
+        for _ in range(10):
+            provisioner.requested.clear()
+            job = await make_job(api)  # committed (and announced) by the server
+            committed = time.time()
+            await asyncio.wait_for(provisioner.requested.wait(), 10)
+            assert str(provisioner.requests[-1].job_id) == job["id"]
+            delays.append(time.time() - committed)
+        assert max(delays) < 5  # never the 30 s poll
+        median = statistics.median(delays)
+        assert median < 0.1, delays
+        record_figure(
+            "live: enqueue on one replica to the dispatch request on another",
+            p50_ms=round(median * 1000, 1),
+            max_ms=round(max(delays) * 1000, 1),
+            jobs=len(delays),
+        )
+    finally:
+        await dispatcher.stop()
+        await listener.stop()
