@@ -73,7 +73,8 @@ def main() -> None:
     lines: list[str] = []
     reader = threading.Thread(
         target=lambda: lines.extend(
-            raw.decode(errors="replace") for raw in iter(proc.stdout.readline, b"")  # type: ignore[union-attr]
+            raw.decode(errors="replace")
+            for raw in iter(proc.stdout.readline, b"")  # type: ignore[union-attr]
         ),
         daemon=True,
     )

@@ -11,9 +11,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def _python_files() -> list[Path]:
     return sorted(
-        path
-        for folder in ("jobs_app", "tests", "bench")
-        for path in (REPO / folder).rglob("*.py")
+        path for folder in ("jobs_app", "tests", "bench") for path in (REPO / folder).rglob("*.py")
     )
 
 
@@ -55,5 +53,7 @@ def test_no_module_reaches_another_modules_private_names() -> None:
 
 
 def test_the_check_sees_a_private_import() -> None:
-    tree = ast.parse("from jobs_app.services import jobs\njobs._HIDDEN\nfrom jobs_app.db import _x\n")
+    tree = ast.parse(
+        "from jobs_app.services import jobs\njobs._HIDDEN\nfrom jobs_app.db import _x\n"
+    )
     assert _reaches(tree) == ["from jobs_app.db import _x", "jobs._HIDDEN"]
