@@ -2,7 +2,9 @@
 
 Starts `make run` (embedded PostgreSQL, dev mode, the simulated workflow), waits for
 /health, creates a user, an agent and a job through the API, waits (bounded) for the job
-to reach `running` by itself, then sends SIGTERM and expects a clean, prompt exit.
+to reach `running` by itself, reads the job's event stream (the simulated run's steps,
+each started then succeeded, between provisioning and running), then sends SIGTERM and
+expects a clean, prompt exit.
 Exits non-zero, with the server's last lines, on any failure.
 
     python .ci/make_run_smoke.py [--port 8000]
@@ -11,6 +13,7 @@ Exits non-zero, with the server's last lines, on any failure.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import socket
@@ -50,6 +53,33 @@ def wait(what: str, check, within: float, lines: list[str], proc: subprocess.Pop
         time.sleep(0.2)  # polling a separate process, with a bound
     fail(f"timed out after {within:.0f}s waiting for {what}", lines)
     return None
+
+
+PLAN = ["create_vm", "install_agent", "health_check"]  # the default JOBS_PROVISION_STEPS
+
+
+def stream_until_running(client: httpx.Client, job_id: str, lines: list[str]) -> list[str]:
+    """The job's stream from its start (its history, replayed) up to `running`: each
+    message as `transition:<status>` or `step:<name>:<state>`."""
+    seen: list[str] = []
+    event = ""
+    with client.stream("GET", f"/api/jobs/{job_id}/events/stream", timeout=30) as response:
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                event = line.removeprefix("event: ")
+            elif line.startswith("data: "):
+                data = json.loads(line.removeprefix("data: "))
+                if event == "step":
+                    seen.append(f"step:{data['step']}:{data['state']}")
+                else:
+                    seen.append(f"transition:{data['to_status']}")
+                if seen[-1] == "transition:running":
+                    break
+    steps = [f"step:{name}:{state}" for name in PLAN for state in ("started", "succeeded")]
+    expected = ["transition:queued", "transition:provisioning", *steps, "transition:running"]
+    if seen != expected:
+        fail(f"the job's stream showed {seen}, not {expected}", lines)
+    return seen
 
 
 def main() -> None:
@@ -114,6 +144,8 @@ def main() -> None:
                 proc,
             )
             print(f"make run smoke: job running {time.monotonic() - queued:.1f}s after enqueue")
+            seen = stream_until_running(client, job_id, lines)
+            print(f"make run smoke: the job's stream: {' '.join(seen)}")
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)

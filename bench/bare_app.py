@@ -30,6 +30,7 @@ _TIMEOUTS = {
     "deadline": _settings.job_deadline_seconds,
     "queue_timeout": _settings.queue_timeout_seconds,
 }
+_PLAN = [step.name for step in _settings.provision_steps]
 
 
 async def _no_reset(conn: asyncpg.Connection) -> None:
@@ -67,7 +68,8 @@ async def heartbeat(job_id: UUID, data: Heartbeat) -> None:
 async def get_job(job_id: UUID) -> dict[str, Any]:
     assert _pool is not None
     statement = jobs.GET_JOB_CHECKED
-    row = await _pool.fetchrow(statement.sql, *statement.args({"job_id": job_id, **_TIMEOUTS}))
+    values = {"job_id": job_id, "plan": _PLAN, **_TIMEOUTS}
+    row = await _pool.fetchrow(statement.sql, *statement.args(values))
     if row is None:
         raise NotFoundException()
     return dict(row)

@@ -19,7 +19,7 @@ import asyncpg
 from bench import seed
 from bench.context import Context
 from jobs_app.core.lifecycle import Actor, FailureReason, JobStatus
-from jobs_app.services import jobs
+from jobs_app.services import jobs, progress
 
 Values = dict[str, Any]
 Step = tuple[str, list[Any]]  # SQL text and its positional arguments
@@ -39,16 +39,18 @@ class Operation:
 
 def _step(statement: Any, **fixed: Any) -> Callable[[Values], Step]:
     def build(values: Values) -> Step:
-        return statement.sql, statement.args(values | fixed)
+        return statement.sql, statement.args(values | fixed | {"plan": progress.plan_names()})
 
     return build
 
 
 def _alone(statement: Any, **fixed: Any) -> Callable[[Values], Step]:
-    """A batched statement (array parameters) for one call: arrays of one element."""
+    """A batched statement (array parameters) for one call: arrays of one element (and
+    the plan of steps, for the statements that answer with a job's progress)."""
 
     def build(values: Values) -> Step:
-        return statement.sql, statement.args({k: [v] for k, v in (values | fixed).items()})
+        arrays = {k: [v] for k, v in (values | fixed).items()}
+        return statement.sql, statement.args(arrays | {"plan": progress.plan_names()})
 
     return build
 

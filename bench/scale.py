@@ -8,7 +8,10 @@ are taken per round, reported as medians over the rounds, and the large/small
 ratio is the median of the per-round ratios (pooled percentiles are in the JSON).
 
 The sweep finds nothing stale (the jobs in flight are fresh): what it costs is
-finding that out, which must not grow with the history.
+finding that out, which must not grow with the history. Each history job has its wait
+and its three steps in `job_events` (4 rows a job), so `get_job` (a job with its
+progress and the ETA's medians) reads the same few index pages however long the
+history: its plan is printed for both sizes.
 """
 
 from __future__ import annotations
@@ -28,12 +31,12 @@ from bench import dbs, seed
 from bench.context import Context
 from bench.measure import median, paired_ratio, percentile
 from jobs_app.db import connector
-from jobs_app.services import dispatches, jobs
+from jobs_app.services import dispatches, jobs, progress
 
 SCALE_TARGET = 1.5
 SMALL = 1_000
 IN_FLIGHT = 100
-OPERATIONS = ("enqueue", "get_job_by_agent_id", "heartbeat", "sweep_stale_jobs")
+OPERATIONS = ("enqueue", "get_job_by_agent_id", "get_job", "heartbeat", "sweep_stale_jobs")
 
 
 async def scale(ctx: Context) -> dict[str, Any]:
@@ -44,6 +47,7 @@ async def scale(ctx: Context) -> dict[str, Any]:
     populations: dict[str, seed.Population] = {}
     seconds: dict[str, float] = {}
     plans: dict[str, dict[str, Any]] = {}
+    eta_plans: dict[str, dict[str, Any]] = {}
     try:
         for name, jobs_count in sizes.items():
             urls[name] = await dbs.create(ctx.server_url, f"{dbs.name_of(ctx.url)}_{name}")
@@ -57,14 +61,17 @@ async def scale(ctx: Context) -> dict[str, Any]:
                     total_jobs=jobs_count,
                     in_flight=IN_FLIGHT,
                     spare_users=(samples + 3) * rounds + 16,
+                    with_history_events=True,
                 )
                 seconds[name] = time.perf_counter() - started
                 count = await conn.fetchval("SELECT count(*) FROM provisioning_jobs")
                 plans[name] = await _claim_plan(conn)
+                eta_plans[name] = await _eta_plan(conn, populations[name])
             finally:
                 await conn.close()
             print(f"  seeded {count:,} jobs in {seconds[name]:.1f} s", flush=True)
             print(f"  the dispatch claim reads {plans[name]}", flush=True)
+            print(f"  a job with its ETA reads {eta_plans[name]}", flush=True)
 
         # timings[size][operation]: one list of call durations per round
         timings: dict[str, dict[str, list[list[float]]]] = {
@@ -118,6 +125,7 @@ async def scale(ctx: Context) -> dict[str, Any]:
         "in_flight": IN_FLIGHT,
         "seed_seconds": seconds,
         "claim_plan": plans,
+        "eta_plan": eta_plans,
         "target": SCALE_TARGET,
         "rows": rows,
     }
@@ -139,6 +147,34 @@ async def _claim_plan(conn: asyncpg.Connection) -> dict[str, Any]:
             n["Node Type"] == "Seq Scan" and n.get("Relation Name") == "provisioning_jobs"
             for n in nodes
         ),
+    }
+
+
+async def _eta_plan(conn: asyncpg.Connection, pop: seed.Population) -> dict[str, Any]:
+    """What `get_job` (with progress and the ETA's medians) reads, run for real: its
+    indexes, shared buffers touched, whether it scans job_events, and its time."""
+    statement = jobs.GET_JOB_CHECKED
+    values = {
+        "job_id": seed.job_id(pop.tag, pop.in_flight_jobs[0]),
+        "plan": progress.plan_names(),
+        **jobs.timeouts(),
+    }
+    sql = "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + statement.sql  # a fresh job: no change
+    raw = await conn.fetchval(sql, *statement.args(values))
+    top = json.loads(raw)[0]
+    nodes, todo = [], [top["Plan"]]
+    while todo:
+        node = todo.pop()
+        nodes.append(node)
+        todo.extend(node.get("Plans", []))
+    return {
+        "indexes": sorted({n["Index Name"] for n in nodes if "Index Name" in n}),
+        "seq_scan_on_events": any(
+            n["Node Type"] == "Seq Scan" and n.get("Relation Name") == "job_events" for n in nodes
+        ),
+        "shared_buffers": top["Plan"].get("Shared Hit Blocks", 0)
+        + top["Plan"].get("Shared Read Blocks", 0),
+        "ms": round(top["Execution Time"], 3),
     }
 
 
@@ -180,12 +216,16 @@ def _calls(
     async def heartbeat() -> object:
         return await jobs.record_heartbeat(next(beats), attempt=1)
 
+    async def get_job() -> object:
+        return await jobs.get_job(rng.choice(in_flight))
+
     async def sweep() -> object:
         return await jobs.sweep_stale_jobs()
 
     return {
         "enqueue": enqueue,
         "get_job_by_agent_id": by_agent,
+        "get_job": get_job,
         "heartbeat": heartbeat,
         "sweep_stale_jobs": sweep,
     }

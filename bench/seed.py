@@ -126,6 +126,30 @@ async def jobs(
     )
 
 
+# What the ETA learns from, for each history job j of `tag`: its wait before provisioning
+# and its three steps, succeeded (the default plan), with durations that vary by job.
+_HISTORY_EVENTS = """
+    INSERT INTO job_events (job_id, from_status, to_status, attempt, actor, reason, created_at,
+                            kind, step, step_state, seconds)
+    SELECT md5($1 || ':job:' || j)::uuid, e.from_status, 'provisioning', 1, e.actor, e.reason,
+           now() - make_interval(secs => ($3 - j) + 3600), e.kind, e.step, e.state,
+           e.base + (j % 7)
+    FROM generate_series($2::int, $3::int) j
+    CROSS JOIN (VALUES
+        ('queued', 'workflow', NULL, 'transition', NULL, NULL, 20.0),
+        ('provisioning', 'workflow', NULL, 'step', 'create_vm', 'succeeded', 60.0),
+        ('provisioning', 'workflow', NULL, 'step', 'install_agent', 'succeeded', 90.0),
+        ('provisioning', 'workflow', NULL, 'step', 'health_check', 'succeeded', 10.0)
+    ) AS e(from_status, actor, reason, kind, step, state, base)
+"""
+
+
+async def history_events(conn: asyncpg.Connection, tag: str, *, first: int, count: int) -> None:
+    """Four `job_events` rows for each history job first..first+count-1 of `tag`: the wait
+    before provisioning and the three steps of the default plan (the ETA's samples)."""
+    await _with_fast_session(conn, _HISTORY_EVENTS, tag, first, first + count - 1)
+
+
 @contextlib.asynccontextmanager
 async def _indexes_rebuilt_after(conn: asyncpg.Connection, *, rebuild: bool) -> AsyncIterator[None]:
     """For a large load: drop the job table's plain indexes, then recreate them from
@@ -184,10 +208,12 @@ async def population(
     spare_users: int = 0,
     jobs_per_user: int = 10,
     analyze: bool = True,
+    with_history_events: bool = False,
 ) -> Population:
     """A table of `total_jobs` jobs: `in_flight` provisioning ones (fresh, one per
     user), the rest terminal history spread over users with ~`jobs_per_user` each;
-    plus `spare_users` users (with agents) and no job, free to enqueue."""
+    plus `spare_users` users (with agents) and no job, free to enqueue.
+    `with_history_events`: the history jobs' waits and steps too (`history_events`)."""
     history_jobs = max(total_jobs - in_flight, 0)
     history_users = max(history_jobs // jobs_per_user, 1)
     pop = Population(tag, history_users, history_jobs, in_flight, spare_users)
@@ -195,6 +221,8 @@ async def population(
     if history_jobs:
         async with _indexes_rebuilt_after(conn, rebuild=history_jobs >= 100_000):
             await jobs(conn, tag, first=1, count=history_jobs, owners=history_users, first_owner=1)
+        if with_history_events:
+            await history_events(conn, tag, first=1, count=history_jobs)
     if in_flight:
         await jobs(
             conn,
@@ -206,5 +234,5 @@ async def population(
             status="provisioning",
         )
     if analyze:
-        await conn.execute("VACUUM ANALYZE users, agents, provisioning_jobs")
+        await conn.execute("VACUUM ANALYZE users, agents, provisioning_jobs, job_events")
     return pop

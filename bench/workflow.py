@@ -25,7 +25,7 @@ from bench.measure import interleave, median, paired_ratio
 from bench.service import raw_pool
 from jobs_app.core.lifecycle import Actor, JobStatus
 from jobs_app.core.settings import get_settings
-from jobs_app.services import jobs
+from jobs_app.services import jobs, progress
 
 LIFECYCLE_TARGET = 0.5
 STEPS = 6  # enqueue, provisioning, 3 heartbeats, running
@@ -55,8 +55,10 @@ async def lifecycle(ctx: Context) -> dict[str, Any]:
     transition, heartbeat = jobs.TRANSITIONS_BATCH, jobs.HEARTBEATS
 
     def one(statement: Any, **values: Any) -> list[Any]:
-        """A batched statement's arguments for one call (arrays of one)."""
-        return statement.args({k: [v] for k, v in values.items()})
+        """A batched statement's arguments for one call (arrays of one; the plan of steps
+        for those that answer with a job's progress)."""
+        arrays = {k: [v] for k, v in values.items()}
+        return statement.args(arrays | {"plan": progress.plan_names()})
 
     moved = {"attempt": 1, "actor": Actor.WORKFLOW, "dispatch_id": None}
     moved |= {"error": None, "failed_step": None, "failure_reason": None}

@@ -142,8 +142,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from jobs_app.core.logs import configure_logging
 
-    configure_logging(load_settings())
     try:
+        configure_logging(load_settings())  # a bad setting stops every command here, named
         if args.command == "serve":
             serve(args.host, args.port, args.workers, args.access_log)
         elif args.command == "migrate":

@@ -294,6 +294,23 @@ async def test_tables_and_job_list_config(
     )
     assert [r["to_status"] for r in response.json()["rows"]] == ["queued", "failed"]
 
+    # The workflow's steps are in a job's history too, in order.
+    user = await accounts.create_user(f"steps-{uuid.uuid4().hex[:8]}@example.com")
+    agent = await accounts.create_agent(user.id, "agent")
+    provisioning = await make_job((user.id, agent.id), JobStatus.PROVISIONING)
+    await jobs.report_step(provisioning, attempt=1, step="create_vm", state="started")
+    response = await client.get(
+        "/admin/api/tables/job_events/", params={"job_id": str(provisioning), "__order": "id"}
+    )
+    rows = response.json()["rows"]
+    shown = [(r["kind"], r["to_status"], r["step"], r["step_state"]) for r in rows]
+    assert shown == [
+        ("transition", "queued", None, None),
+        ("transition", "provisioning", None, None),
+        ("step", "provisioning", "create_vm", "started"),
+    ]
+    assert {"kind", "step"} <= set(events_extra["visible_filter_names"])
+
 
 @pytest.mark.parametrize("method", ["PATCH", "PUT"])
 async def test_generic_edit_of_a_job_is_refused(

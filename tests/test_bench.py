@@ -58,7 +58,7 @@ def test_quick_bench_runs_every_section(tmp_path: Path) -> None:
     assert len(sections["http"]["rows"]) == 2
     assert all(row["service_rps"] > 0 and row["bare_rps"] > 0 for row in sections["http"]["rows"])
     scale = {row["operation"] for row in sections["scale"]["rows"]}
-    assert scale == {"enqueue", "get_job_by_agent_id", "heartbeat", "sweep_stale_jobs"}
+    assert scale == {"enqueue", "get_job_by_agent_id", "get_job", "heartbeat", "sweep_stale_jobs"}
     plan = sections["scale"]["claim_plan"]["large"]
     assert "provisioning_jobs_in_flight" in plan["indexes"] and not plan["seq_scan_on_jobs"]
     dispatch = sections["dispatch"]
@@ -111,9 +111,9 @@ async def test_hot_statements_use_their_indexes(db: asyncpg.Connection) -> None:
     timeouts = {"timeout": 900, "deadline": 3600, "queue_timeout": 900}
     by_id = "pkey"
 
-    def one(**values: Any) -> dict[str, list[Any]]:
-        """A batched statement's values for one call (arrays of one)."""
-        return {k: [v] for k, v in values.items()}
+    def one(**values: Any) -> dict[str, Any]:
+        """A batched statement's values for one call (arrays of one), and the plan."""
+        return {k: [v] for k, v in values.items()} | {"plan": ["create_vm", "install_agent"]}
 
     moved = {"job_id": busy, "attempt": 1, "workflow_run_id": None, "dispatch_id": None}
     moved |= {"actor": Actor.WORKFLOW, "error": None, "failed_step": None}
@@ -160,10 +160,21 @@ async def test_hot_statements_use_their_indexes(db: asyncpg.Connection) -> None:
         (
             "retry",
             jobs.RETRY,
-            {"job_id": busy, "grant_extra": False, "actor": Actor.API, "reason": "retry"},
+            {
+                "job_id": busy,
+                "grant_extra": False,
+                "actor": Actor.API,
+                "reason": "retry",
+                "plan": ["create_vm"],
+            },
             by_id,
         ),
-        ("get_job", jobs.GET_JOB_CHECKED, {"job_id": busy, **timeouts}, by_id),
+        (
+            "get_job",
+            jobs.GET_JOB_CHECKED,
+            {"job_id": busy, "plan": ["create_vm", "install_agent"], **timeouts},
+            by_id,
+        ),
         (
             "list_jobs by user",
             jobs.list_statement(("user_id",)),

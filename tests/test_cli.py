@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from tests.conftest import free_port
@@ -46,6 +47,23 @@ def test_serve_refuses_to_start_without_secrets(database):
     for name in SECRETS:
         assert name in result.stderr
     assert "JOBS_DEV_MODE" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "steps", ["create_vm", "create_vm=A,Bad Name=B", "a=A,a=B", "a=", ","], ids=repr
+)
+def test_serve_refuses_a_malformed_plan_of_steps_naming_the_variable(database, steps):
+    env = _env(database) | {"JOBS_DEV_MODE": "1", "JOBS_PROVISION_STEPS": steps}
+    result = subprocess.run(
+        [sys.executable, "-m", "jobs_app.cli", "serve", "--port", str(free_port())],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "JOBS_PROVISION_STEPS" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 async def test_dev_mode_generates_secrets_once_for_all_workers(database, tmp_path):

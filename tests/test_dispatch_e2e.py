@@ -535,7 +535,13 @@ async def test_make_runs_configuration_provisions_a_job_by_itself(
         events = (await api.get(f"/api/jobs/{job['id']}/events")).json()["items"]
     assert done["workflow_run_id"].startswith("sim-")
     assert item["provisioner"] == "simulated" and item["bound"]
-    assert [e["to_status"] for e in events] == ["queued", "provisioning", "running"]
+    transitions = [e["to_status"] for e in events if e["kind"] == "transition"]
+    assert transitions == ["queued", "provisioning", "running"]
+    # The simulated run walks the plan's steps: the progress bar moved to the end.
+    steps = [(e["step"], e["state"]) for e in events if e["kind"] == "step"]
+    plan = ["create_vm", "install_agent", "health_check"]
+    assert steps == [(name, state) for name in plan for state in ("started", "succeeded")]
+    assert done["progress"]["completed"] == 3
     assert "simulated" in server.log_text()
 
 

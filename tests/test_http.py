@@ -40,6 +40,9 @@ JOB_FIELDS = {
     "created_at",
     "updated_at",
     "dispatch_id",
+    "first_heartbeat_at",
+    "heartbeat_count",
+    "progress",
 }
 
 

@@ -169,6 +169,9 @@ async def test_forwards_on_empty_database_builds_the_full_schema(empty_database,
         "created_at",
         "updated_at",
         "dispatch_id",
+        "first_heartbeat_at",
+        "heartbeat_count",
+        "steps",
     }
     index_names = {i[0] for i in built["indexes"]}
     assert {

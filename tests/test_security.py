@@ -125,6 +125,7 @@ async def test_open_routes_are_exactly_the_documented_exceptions(server):
             "/metrics",
             "/api/callbacks/jobs/{job_id}/status",
             "/api/callbacks/jobs/{job_id}/heartbeat",
+            "/api/callbacks/jobs/{job_id}/steps",
             "/webhooks/stripe",
         }
         assert (await c.get("/health")).status_code == 200

@@ -250,8 +250,9 @@ async def test_the_simulated_provisioner_drives_a_job_to_running(
 ) -> None:
     caplog.set_level("INFO", logger="jobs_app.provisioners.simulated")
     job = await make_job(api)
+    plan = ["create_vm", "install_agent", "health_check"]  # the default JOBS_PROVISION_STEPS
     provisioner = SimulatedProvisioner(
-        secret=CALLBACK_SECRET, start_delay=0.0, heartbeats=2, interval=0.05
+        secret=CALLBACK_SECRET, start_delay=0.0, steps=plan, interval=0.05
     )
     try:
         req = await dispatch_request(server, job)
@@ -264,7 +265,12 @@ async def test_the_simulated_provisioner_drives_a_job_to_running(
         assert done["workflow_run_id"] == result.workflow_run_id
         assert done["last_heartbeat_at"] is not None
         outcomes = provisioner.outcomes[result.workflow_run_id]
-        assert [o.status_code for o in outcomes] == [200, 204, 204, 200]
+        assert [o.status_code for o in outcomes] == [200, *[200, 204, 200] * 3, 200]
+        progress = done["progress"]
+        assert [s["name"] for s in progress["steps"]] == plan
+        assert {s["state"] for s in progress["steps"]} == {"succeeded"}
+        assert (progress["completed"], progress["total"], progress["current"]) == (3, 3, None)
+        assert progress["eta_seconds"] is None  # running: nothing left to estimate
 
         found = await provisioner.find_run(req.dispatch_id, done["created_at"])
         assert found.outcome is Outcome.OK and found.workflow_run_id == result.workflow_run_id
@@ -400,7 +406,8 @@ async def test_the_provisioning_step_runs_under_bash(
     stopped: bool,
 ) -> None:
     """The step's shell logic, as the runner runs it (bash -e), with the real CLI: a 409
-    from the heartbeat loop ends the step with 3 at once, else the provisioning decides."""
+    (a heartbeat's or a step report's) ends the step with 3 at once, else the
+    provisioning decides; each step of the plan is reported as it goes."""
     job = await make_job(api)
     assert (await cli("status", "--url", base_url(server, job["id"]), "--attempt", "1",
                       "--status", "provisioning"))[0] == 0  # fmt: skip
@@ -433,4 +440,10 @@ async def test_the_provisioning_step_runs_under_bash(
         assert "JOBS_STOPPED=true" in github_env.read_text()
     else:
         assert not github_env.exists() or "JOBS_STOPPED" not in github_env.read_text()
-        assert github_output.read_text().splitlines()[-1] == "provisioning=configuration"
+        # The step reports tell where it got to, as the customer's progress bar shows it.
+        done = exit_code == 0
+        last = "provisioning=health_check" if done else "provisioning=install_agent"
+        assert github_output.read_text().splitlines()[-1] == last
+        steps = (await job_of(api, job["id"]))["progress"]["steps"]
+        expected = ["succeeded"] * 3 if done else ["succeeded", "started", "pending"]
+        assert [s["state"] for s in steps] == expected

@@ -89,6 +89,25 @@ only `retry_job` re-queues, from `failed`, within the retry budget."""
 RETRY_SOURCES = (JobStatus.FAILED,)
 
 
+class EventKind(StrEnum):
+    """What a `job_events` row records: a move of the job, or a workflow step's report."""
+
+    TRANSITION = "transition"
+    STEP = "step"
+
+
+class StepState(StrEnum):
+    """A workflow step's report: it began, or ended one way or the other."""
+
+    STARTED = "started"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+STEP_ENDS = (StepState.SUCCEEDED, StepState.FAILED)
+"""A step reported in one of these is over: no other report of it is taken after."""
+
+
 class DispatchState(StrEnum):
     """A dispatch's own progress, kept apart from the job's status."""
 

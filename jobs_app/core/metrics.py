@@ -39,6 +39,15 @@ DISPATCH_PAUSES = Counter(
     "Times a dispatcher paused: rate_limited, or misconfigured (credentials, repository)",
     ["reason"],
 )
+STEP_REPORTS = Counter(
+    "jobs_step_reports_total", "Workflow step reports recorded, by state", ["state"]
+)
+STEP_DURATION = Histogram(
+    "jobs_step_duration_seconds",
+    "How long each workflow step took (reported succeeded, from its start)",
+    ["step"],
+    buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600),
+)
 BATCH_SIZE = Histogram(
     "jobs_batch_size",
     "Requests coalesced into one statement and one commit (group commit), by operation",

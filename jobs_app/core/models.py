@@ -8,7 +8,33 @@ from uuid import UUID
 
 import msgspec
 
-from jobs_app.core.lifecycle import DispatchState, FailureReason, JobStatus
+from jobs_app.core.lifecycle import DispatchState, EventKind, FailureReason, JobStatus, StepState
+
+
+class StepProgress(msgspec.Struct):
+    """One step of the plan, as the job's current attempt has reported it."""
+
+    name: str
+    label: str
+    state: str
+    """`pending`, `started`, `succeeded` or `failed`."""
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class Progress(msgspec.Struct):
+    """How far the job's current attempt is, and an estimate of the time left."""
+
+    steps: list[StepProgress]
+    completed: int
+    """Steps succeeded."""
+    total: int
+    """Steps in the plan."""
+    current: str | None
+    """The step running (started, not ended), if any."""
+    eta_seconds: float | None
+    """Seconds left, from the medians of past jobs; null until each has 5 samples, and
+    once the job is running or failed."""
 
 
 class Job(msgspec.Struct, kw_only=False):
@@ -32,9 +58,20 @@ class Job(msgspec.Struct, kw_only=False):
     updated_at: datetime
     dispatch_id: UUID | None
     """The dispatch this attempt is bound to (set by its first callback that names one)."""
+    first_heartbeat_at: datetime | None
+    heartbeat_count: int
+    """The current attempt's heartbeats: the first one's time, and how many."""
+    progress: Progress | None = None
+    """The current attempt's steps and ETA (every answer of the API carries it)."""
 
 
-class JobEvent(msgspec.Struct):
+JOB_FIELDS = tuple(field for field in Job.__struct_fields__ if field != "progress")
+"""The job's columns, in the order rows map onto `Job`."""
+
+
+class JobEvent(msgspec.Struct, tag=EventKind.TRANSITION.value, tag_field="kind"):
+    """A transition in a job's history (`kind`: `transition`)."""
+
     id: int
     job_id: UUID
     from_status: JobStatus | None
@@ -43,6 +80,22 @@ class JobEvent(msgspec.Struct):
     actor: str
     reason: str | None
     created_at: datetime
+
+
+class StepEvent(msgspec.Struct, tag=EventKind.STEP.value, tag_field="kind", omit_defaults=True):
+    """A workflow step the job's attempt reported (`kind`: `step`)."""
+
+    id: int
+    job_id: UUID
+    attempt: int
+    step: str
+    state: StepState
+    created_at: datetime
+    detail: str | None = None
+
+
+HistoryEvent = JobEvent | StepEvent
+"""An item of a job's history: either kind, in one ordered sequence of ids."""
 
 
 class User(msgspec.Struct):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import secrets
 from pathlib import Path
 
@@ -15,6 +16,37 @@ from jobs_app.core.provisioning import DEFAULT_GITHUB_API_URL, GitHubConfig
 
 class SettingsError(RuntimeError):
     """The environment does not describe a service that can start."""
+
+
+DEFAULT_PROVISION_STEPS = (
+    "create_vm=Creating your VM,install_agent=Installing your agent,"
+    "health_check=Checking your agent"
+)
+_STEP_NAME = re.compile(r"^[a-z0-9_]{1,40}$")
+
+
+class ProvisionStep(msgspec.Struct, frozen=True, array_like=True):
+    """One step of the provisioning workflow's plan: its name, and what a customer sees."""
+
+    name: str
+    label: str
+
+
+def parse_provision_steps(raw: str) -> tuple[ProvisionStep, ...]:
+    """`name=Label,name=Label`: names `[a-z0-9_]{1,40}`, each once, labels not empty."""
+    steps: list[ProvisionStep] = []
+    for item in raw.split(","):
+        name, sep, label = item.partition("=")
+        name, label = name.strip(), label.strip()
+        if not sep or not _STEP_NAME.match(name) or not label:
+            raise SettingsError(
+                "JOBS_PROVISION_STEPS must be a comma-separated list of name=Label "
+                f"(names [a-z0-9_]{{1,40}}), got {raw!r}"
+            )
+        if any(step.name == name for step in steps):
+            raise SettingsError(f"JOBS_PROVISION_STEPS names the step {name!r} twice")
+        steps.append(ProvisionStep(name, label))
+    return tuple(steps)
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
@@ -75,6 +107,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """A stream whose client takes no data for this long is cut off (it resumes later)."""
     cors_origins: tuple[str, ...] = ()
     """Browser origins allowed to open event streams (CORS); none by default."""
+    provision_steps: tuple[ProvisionStep, ...] = parse_provision_steps(DEFAULT_PROVISION_STEPS)
+    """The provisioning workflow's steps, in order (JOBS_PROVISION_STEPS)."""
 
     def require_secrets(self) -> Settings:
         """Settings with every secret present: generated in dev mode, else an error naming them."""
@@ -245,6 +279,9 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         ),
         cors_origins=tuple(
             o.strip() for o in e.get("JOBS_CORS_ORIGINS", "").split(",") if o.strip()
+        ),
+        provision_steps=parse_provision_steps(
+            e.get("JOBS_PROVISION_STEPS") or DEFAULT_PROVISION_STEPS
         ),
     )
 

@@ -21,24 +21,25 @@ from jobs_app.core.lifecycle import (
     WORKING_DISPATCH_STATES,
     FailureReason,
     JobStatus,
+    StepState,
 )
-from jobs_app.core.models import Job
+from jobs_app.core.models import JOB_FIELDS, Job
 
 # --------------------------------------------------------------------------- the job's row
 
-JOB_COLUMNS = ", ".join(Job.__struct_fields__)
+JOB_COLUMNS = ", ".join(JOB_FIELDS)
 """A job's columns in `Job`'s field order: every statement returns them so, and rows map
 onto the Struct positionally (`job_from_row`)."""
 
 
 def job_columns(alias: str) -> str:
     """JOB_COLUMNS of the table aliased `alias`."""
-    return ", ".join(f"{alias}.{column}" for column in Job.__struct_fields__)
+    return ", ".join(f"{alias}.{column}" for column in JOB_FIELDS)
 
 
 def job_from_row(record: asyncpg.Record, offset: int = 0) -> Job:
     """The Job of a row that holds JOB_COLUMNS from column `offset` on."""
-    return Job(*record[offset : offset + len(Job.__struct_fields__)])
+    return Job(*record[offset : offset + len(JOB_FIELDS)])
 
 
 def sql_list(values: Iterable[str]) -> str:
@@ -129,14 +130,31 @@ def transition_allowed(to: str, current: str) -> str:
     return f"(CASE {to} {cases} ELSE false END)"
 
 
-def record_events(moved: str, *, actor: str, reason: str) -> str:
+def record_events(moved: str, *, actor: str, reason: str, seconds: str = "NULL") -> str:
     """Write one `job_events` row for each job of `moved` (job columns and `from_status`):
-    the history row of a transition, in the transition's own statement. Returns each
-    event's `event_id` and `job_id`, for the statement to hand back (the writer announces
-    the events once they are committed)."""
-    return f"""INSERT INTO job_events (job_id, from_status, to_status, attempt, actor, reason)
-        SELECT id, from_status, status, attempt, {actor}, {reason} FROM {moved}
+    the history row of a transition, in the transition's own statement. A move out of
+    provisioning keeps the attempt's heartbeats (how many, first, last); `seconds` is what
+    the move ends, when it measures something (the wait before provisioning). Returns
+    each event's `event_id` and `job_id`, for the statement to hand back (the writer
+    announces the events once they are committed)."""
+    left = f"from_status = '{JobStatus.PROVISIONING}'"
+    return f"""INSERT INTO job_events (job_id, from_status, to_status, attempt, actor, reason,
+                                   seconds, heartbeat_count, first_heartbeat_at,
+                                   last_heartbeat_at)
+        SELECT id, from_status, status, attempt, {actor}, {reason}, {seconds},
+               CASE WHEN {left} THEN heartbeat_count END,
+               CASE WHEN {left} THEN first_heartbeat_at END,
+               CASE WHEN {left} THEN last_heartbeat_at END
+        FROM {moved}
         RETURNING id AS event_id, job_id"""
+
+
+def running_step(job: str) -> str:
+    """The step `job`'s current attempt is in (its `steps`): the last one started and not
+    ended."""
+    return f"""(SELECT s.key FROM jsonb_each({job}.steps) AS s
+        WHERE s.value ->> 'state' = '{StepState.STARTED}'
+        ORDER BY s.value ->> 'started_at' DESC LIMIT 1)"""
 
 
 # --------------------------------------------------------------------------- fencing

@@ -6,8 +6,10 @@ piccolo cannot declare")."""
 from __future__ import annotations
 
 from piccolo.columns import (
+    JSONB,
     UUID,
     BigSerial,
+    DoublePrecision,
     ForeignKey,
     Integer,
     OnDelete,
@@ -17,7 +19,14 @@ from piccolo.columns import (
 )
 from piccolo.table import Table
 
-from jobs_app.core.lifecycle import MAX_RETRIES, DispatchState, FailureReason, JobStatus
+from jobs_app.core.lifecycle import (
+    MAX_RETRIES,
+    DispatchState,
+    EventKind,
+    FailureReason,
+    JobStatus,
+    StepState,
+)
 
 
 class User(Table, tablename="users"):
@@ -66,6 +75,14 @@ class ProvisioningJob(Table, tablename="provisioning_jobs"):
     queued_at = Timestamptz()
     claimed_at = Timestamptz(null=True, default=None)
     last_heartbeat_at = Timestamptz(null=True, default=None)
+    # The current attempt's first heartbeat and how many: written by the heartbeat itself
+    # (no index covers them, so it stays a HOT update).
+    first_heartbeat_at = Timestamptz(null=True, default=None)
+    heartbeat_count = Integer(default=0)
+    # The current attempt's workflow steps, as the workflow reported them:
+    # {step: {"state", "started_at", "finished_at"}}. Kept on the row so that a step report
+    # decides on the row it locks (a repeat, a step moved backwards); reset by a retry.
+    steps = JSONB(default={})
     completed_at = Timestamptz(null=True, default=None)
     created_at = Timestamptz()
     updated_at = Timestamptz()
@@ -75,7 +92,8 @@ class ProvisioningJob(Table, tablename="provisioning_jobs"):
 
 
 class JobEvent(Table, tablename="job_events"):
-    """A job's history: one row per transition, written in the same statement as it."""
+    """A job's history, in one ordered sequence of ids: one row per transition, written in
+    the same statement as it, and one per step the workflow reports (`kind`)."""
 
     id = BigSerial(primary_key=True)
     job_id = ForeignKey(references=ProvisioningJob, on_delete=OnDelete.cascade, null=False)
@@ -86,6 +104,18 @@ class JobEvent(Table, tablename="job_events"):
     actor = Varchar(length=200)
     reason = Text(null=True, default=None)
     created_at = Timestamptz()
+    # 'transition' or 'step' (CHECK in the raw migration: a step row has its step and state).
+    kind = Varchar(length=16, choices=EventKind, default=EventKind.TRANSITION)
+    step = Varchar(length=40, null=True, default=None)
+    step_state = Varchar(length=16, choices=StepState, null=True, default=None)
+    detail = Text(null=True, default=None)
+    # Seconds the event ends: a succeeded step's duration, the wait of a move to provisioning
+    # (what the ETA's medians are taken from).
+    seconds = DoublePrecision(null=True, default=None)
+    # A move out of provisioning: the attempt's heartbeats (how many, first, last).
+    heartbeat_count = Integer(null=True, default=None)
+    first_heartbeat_at = Timestamptz(null=True, default=None)
+    last_heartbeat_at = Timestamptz(null=True, default=None)
 
 
 class Dispatch(Table, tablename="dispatches"):

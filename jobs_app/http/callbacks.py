@@ -1,4 +1,4 @@
-"""Routes for the provisioning workflow: status changes and heartbeats.
+"""Routes for the provisioning workflow: status changes, step reports and heartbeats.
 
 Signed, not bearer-authenticated: the guard verifies X-Signature over the raw body
 before the body is decoded, so a bad signature is a 401 whatever the body holds.
@@ -17,7 +17,7 @@ from jobs_app.core.logs import bind_job, get_logger
 from jobs_app.core.provisioning import CALLBACKS_PATH
 from jobs_app.http.auth import require_signature
 from jobs_app.http.errors import error_responses
-from jobs_app.http.schemas import Heartbeat, Job, StatusCallback
+from jobs_app.http.schemas import Heartbeat, Job, StatusCallback, StepCallback
 from jobs_app.services import jobs
 
 log = get_logger("jobs_app.callbacks")
@@ -65,6 +65,37 @@ class CallbackController(Controller):
             failed_step=job.failed_step,
             error=job.error,
         )
+        return job
+
+    @post(
+        "/{job_id:uuid}/steps",
+        status_code=HTTP_200_OK,
+        responses=error_responses(401, 404, 409, 413, 422),
+    )
+    async def report_step(self, job_id: FromPath[UUID], data: JSONBody[StepCallback]) -> Job:
+        """A step of the plan (JOBS_PROVISION_STEPS) started, succeeded or failed.
+
+        Fenced as a status callback is (409 `stale_attempt`, `superseded_dispatch`, or
+        `invalid_transition` when the job is not provisioning or the step would move
+        backwards); a step not in the plan is 422, naming the plan's steps; a repeat of
+        the step's last report is answered 200 and records nothing.
+        """
+        bind_job(
+            job_id,
+            data.attempt,
+            dispatch_id=data.dispatch_id,
+            workflow_run_id=data.workflow_run_id,
+        )
+        job = await jobs.report_step(
+            job_id,
+            attempt=data.attempt,
+            step=data.step,
+            state=data.state,
+            dispatch_id=data.dispatch_id,
+            workflow_run_id=data.workflow_run_id,
+            detail=data.detail,
+        )
+        log.info("step reported", step=data.step, state=data.state)
         return job
 
     @post(

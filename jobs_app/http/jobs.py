@@ -69,6 +69,7 @@ class AgentController(_DashboardController):
         job = await jobs.get_job_by_agent_id(agent_id)
         if job is None:
             raise NotFoundError("this agent has no job", agent_id=str(agent_id))
+        [job] = await jobs.with_progress([job])
         return job
 
 
@@ -120,9 +121,10 @@ class JobController(_DashboardController):
         unknown = sorted(set(request.query_params) - _LIST_PARAMETERS)
         if unknown:
             raise BadRequestError("unknown query parameters", unknown=unknown)
-        return await jobs.list_jobs(
+        page = await jobs.list_jobs(
             user_id=user_id, agent_id=agent_id, status=status, limit=limit, cursor=cursor
         )
+        return JobPage(items=await jobs.with_progress(page.items), next_cursor=page.next_cursor)
 
     @get("/{job_id:uuid}", responses=error_responses(401, 404))
     async def get_job(self, job_id: FromPath[UUID]) -> Job:

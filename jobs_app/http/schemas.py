@@ -10,8 +10,17 @@ from uuid import UUID
 import msgspec
 from msgspec import Meta
 
-from jobs_app.core.lifecycle import JobStatus
-from jobs_app.core.models import Agent, Dispatch, Job, JobEvent, JobPage, User
+from jobs_app.core.lifecycle import JobStatus, StepState
+from jobs_app.core.models import (
+    Agent,
+    Dispatch,
+    HistoryEvent,
+    Job,
+    JobEvent,
+    JobPage,
+    StepEvent,
+    User,
+)
 
 __all__ = [
     "Agent",
@@ -27,6 +36,8 @@ __all__ = [
     "JobEvent",
     "JobPage",
     "StatusCallback",
+    "StepCallback",
+    "StepEvent",
     "User",
     "WebhookResult",
 ]
@@ -45,6 +56,8 @@ Region = Annotated[str, _text(64, pattern=r"^[a-z0-9][a-z0-9-]*$")]
 RunId = Annotated[str, _text(255)]
 Message = Annotated[str, _text(10_000)]
 Step = Annotated[str, _text(255)]
+StepName = Annotated[str, Meta(min_length=1, max_length=40, pattern=r"^[a-z0-9_]+$")]
+Detail = Annotated[str, _text(500, min_length=0)]
 Attempt = Annotated[int, Meta(ge=1, le=1_000_000)]
 
 
@@ -78,6 +91,18 @@ class StatusCallback(_Body):
     failed_step: Step | None = None
 
 
+class StepCallback(_Body):
+    """A step of the plan reported by the workflow running this attempt."""
+
+    attempt: Attempt
+    step: StepName
+    state: StepState
+    dispatch_id: UUID | None = None
+    workflow_run_id: RunId | None = None
+    detail: Detail | None = None
+    """What happened, for support (at most 500 characters)."""
+
+
 class Heartbeat(_Body):
     attempt: Attempt
     dispatch_id: UUID | None = None
@@ -85,7 +110,8 @@ class Heartbeat(_Body):
 
 
 class EventList(msgspec.Struct):
-    items: list[JobEvent]
+    items: list[HistoryEvent]
+    """Both kinds, oldest first: `kind` is `transition` or `step`."""
 
 
 class DispatchList(msgspec.Struct):

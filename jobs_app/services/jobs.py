@@ -34,10 +34,20 @@ from jobs_app.core.lifecycle import (
     TRANSITIONS,
     Actor,
     DispatchState,
+    EventKind,
     FailureReason,
     JobStatus,
+    StepState,
 )
-from jobs_app.core.models import Enqueued, Job, JobEvent, JobPage
+from jobs_app.core.models import (
+    JOB_FIELDS,
+    Enqueued,
+    HistoryEvent,
+    Job,
+    JobEvent,
+    JobPage,
+    StepEvent,
+)
 from jobs_app.core.settings import get_settings
 from jobs_app.core.signing import b64url_decode, b64url_encode
 from jobs_app.db.fragments import (
@@ -51,11 +61,13 @@ from jobs_app.db.fragments import (
     job_columns,
     job_from_row,
     record_events,
+    running_step,
     set_status_to,
     sql_list,
     transition_allowed,
 )
 from jobs_app.db.statement import Statement, fetch, fetchrow
+from jobs_app.services import progress
 from jobs_app.services.announcements import Committed, announce
 from jobs_app.services.batching import Batcher
 
@@ -116,24 +128,26 @@ ENQUEUE = Statement(
         INSERT INTO provisioning_jobs (agent_id, user_id, stripe_event_id, region, max_retries)
         SELECT agent_id, user_id, stripe_event_id, region, max_retries FROM owned ORDER BY n
         ON CONFLICT DO NOTHING
-        RETURNING {JOB_COLUMNS}
+        RETURNING {JOB_COLUMNS}, steps
     ), created AS (
         SELECT ins.*, CAST(NULL AS varchar) AS from_status, o.actor AS by_actor, o.n
         FROM inserted AS ins JOIN owned AS o ON o.stripe_event_id = ins.stripe_event_id
-    ), event AS ({record_events("created", actor="by_actor", reason="'enqueued'")})
+    ), event AS ({record_events("created", actor="by_actor", reason="'enqueued'")}
+    ), {progress.PROGRESS_CTE}
     SELECT c.n, true AS created, e.event_id, true AS user_known, true AS agent_known,
-           true AS owned, {job_columns("c")}
-    FROM created AS c JOIN event AS e ON e.job_id = c.id
+           true AS owned, c.steps AS reports, {progress.LEARNED}, {job_columns("c")}
+    FROM created AS c JOIN event AS e ON e.job_id = c.id CROSS JOIN learned
     UNION ALL
-    SELECT i.n, false, NULL, true, true, true, {job_columns("x")}
+    SELECT i.n, false, NULL, true, true, true, x.steps, {progress.LEARNED}, {job_columns("x")}
     FROM input AS i JOIN provisioning_jobs AS x ON x.stripe_event_id = i.stripe_event_id
+    CROSS JOIN learned
     WHERE NOT EXISTS (SELECT 1 FROM created AS c WHERE c.n = i.n)
     UNION ALL
     SELECT i.n, false, NULL,
            EXISTS (SELECT 1 FROM users AS u WHERE u.id = i.user_id),
            EXISTS (SELECT 1 FROM agents AS a WHERE a.id = i.agent_id),
            EXISTS (SELECT 1 FROM owned AS o WHERE o.n = i.n),
-           {", ".join(["NULL"] * len(Job.__struct_fields__))}
+           NULL, NULL, NULL, {", ".join(["NULL"] * len(JOB_FIELDS))}
     FROM input AS i
     WHERE NOT EXISTS (SELECT 1 FROM created AS c WHERE c.n = i.n)
       AND NOT EXISTS (SELECT 1 FROM provisioning_jobs AS x
@@ -143,7 +157,7 @@ ENQUEUE = Statement(
 BY_STRIPE_EVENT = Statement(
     f"SELECT {JOB_COLUMNS} FROM provisioning_jobs WHERE stripe_event_id = :stripe_event_id"
 )
-_ANSWER_COLUMNS = 6  # n, created, event_id, user_known, agent_known, owned
+_ANSWER_COLUMNS = 9  # n, created, event_id, user_known, agent_known, owned, and progress
 
 
 class _Enqueue(msgspec.Struct, frozen=True):
@@ -157,18 +171,19 @@ class _Enqueue(msgspec.Struct, frozen=True):
 
 async def _run_enqueues(requests: Sequence[_Enqueue]) -> list[Enqueued | BaseException]:
     fields = ("agent_id", "user_id", "stripe_event_id", "region", "max_retries", "actor")
-    rows = _by_n(await fetch(ENQUEUE, **_arrays(requests, *fields)))
+    values = _arrays(requests, *fields)
+    rows = _by_n(await fetch(ENQUEUE, plan=progress.plan_names(), **values))
     answers: list[Enqueued | BaseException] = []
     committed: list[Committed] = []
     for n, request in enumerate(requests, 1):
         row = rows[n]
         if row["created"]:
-            job = job_from_row(row, _ANSWER_COLUMNS)
+            job = _progressed(job_from_row(row, _ANSWER_COLUMNS), row)
             committed.append(Committed(row["event_id"], job.id, job.user_id, True))
             metrics.TRANSITIONS.labels(JobStatus.QUEUED).inc()
             answers.append(Enqueued(job=job, created=True))
         elif row["id"] is not None:
-            answers.append(_replay(request, job_from_row(row, _ANSWER_COLUMNS)))
+            answers.append(_replay(request, _progressed(job_from_row(row, _ANSWER_COLUMNS), row)))
         elif not row["user_known"]:
             answers.append(errors.NotFoundError("user not found"))
         elif not row["agent_known"]:
@@ -262,6 +277,11 @@ async def check_concurrent_provision(user_id: UUID) -> None:
 # from which the caller learns why nothing moved.
 
 _REFUSED_RUN_REASON = "'refused callback of a superseded or stale dispatch'"
+_FAILED_STEP = f"COALESCE(c.failed_step, {running_step('j')})"
+"""A failure the workflow did not place: where the attempt was when it broke."""
+_WAIT = f"""CASE WHEN status = '{JobStatus.PROVISIONING}'
+                 THEN extract(epoch FROM now() - queued_at) END"""
+"""A move to provisioning measures the wait before it (the ETA's queue median)."""
 _INPUT_ROW = "i"
 
 TRANSITIONS_BATCH = Statement(
@@ -276,7 +296,7 @@ TRANSITIONS_BATCH = Statement(
         ) WITH ORDINALITY AS i(job_id, to_status, attempt, dispatch_id, workflow_run_id,
                                error, failed_step, failure_reason, actor, n)
     ), locked AS (
-        SELECT {JOB_COLUMNS} FROM provisioning_jobs
+        SELECT {JOB_COLUMNS}, steps FROM provisioning_jobs
         WHERE id = ANY(CAST(:job_id AS uuid[])) ORDER BY id FOR NO KEY UPDATE
     ), checked AS (
         SELECT i.*, p.status AS from_status, p.dispatch_id AS bound_before, f.issued,
@@ -290,7 +310,7 @@ TRANSITIONS_BATCH = Statement(
         set_status_to(
             "c.to_status",
             error="c.error",
-            failed_step="c.failed_step",
+            failed_step=_FAILED_STEP,
             failure_reason="c.failure_reason",
         )
     },
@@ -298,14 +318,15 @@ TRANSITIONS_BATCH = Statement(
             dispatch_id = COALESCE(j.dispatch_id, c.dispatch_id)
         FROM checked AS c
         WHERE j.id = c.job_id AND c.fence_ok AND NOT c.stale AND c.allowed
-        RETURNING {job_columns("j")}, c.from_status, c.bound_before, c.n,
+        RETURNING {job_columns("j")}, j.steps, c.from_status, c.bound_before, c.n,
                   c.actor AS by_actor, c.dispatch_id AS by_dispatch,
-                  c.workflow_run_id AS by_run, c.error AS by_error
+                  c.workflow_run_id AS by_run, c.error AS by_error, j.queued_at
     ), event AS ({
         record_events(
             "moved",
             actor="by_actor",
             reason=f"CASE WHEN status = '{JobStatus.FAILED}' THEN by_error ELSE by_run END",
+            seconds=_WAIT,
         )
     }), bound AS (
         -- The first callback of a dispatch: its run exists (a 204 or an unknown outcome
@@ -341,16 +362,17 @@ TRANSITIONS_BATCH = Statement(
             "'job failed by ' || m.by_actor",
             f"m.status = '{JobStatus.FAILED}' AND m.by_actor <> '{Actor.WORKFLOW}'",
         )
-    })
-    SELECT m.n, true AS moved, e.event_id, true AS issued, {job_columns("m")}
-    FROM moved AS m JOIN event AS e ON e.job_id = m.id
+    }), {progress.PROGRESS_CTE}
+    SELECT m.n, true AS moved, e.event_id, true AS issued, m.steps AS reports, {progress.LEARNED},
+           {job_columns("m")}
+    FROM moved AS m JOIN event AS e ON e.job_id = m.id CROSS JOIN learned
     UNION ALL
-    SELECT c.n, false, NULL, c.issued, {job_columns("p")}
-    FROM checked AS c JOIN locked AS p ON p.id = c.job_id
+    SELECT c.n, false, NULL, c.issued, p.steps, {progress.LEARNED}, {job_columns("p")}
+    FROM checked AS c JOIN locked AS p ON p.id = c.job_id CROSS JOIN learned
     WHERE NOT EXISTS (SELECT 1 FROM moved AS m WHERE m.n = c.n)
     """
 )
-_MOVED_COLUMNS = 4  # n, moved, event_id, issued
+_MOVED_COLUMNS = 7  # n, moved, event_id, issued, reports, db_now, medians
 
 
 class _Transition(msgspec.Struct, frozen=True):
@@ -378,13 +400,14 @@ async def _run_transitions(requests: Sequence[_Transition]) -> list[Job | BaseEx
         "failure_reason",
         "actor",
     )
-    rows = _by_n(await fetch(TRANSITIONS_BATCH, **_arrays(requests, *fields)))
+    values = _arrays(requests, *fields)
+    rows = _by_n(await fetch(TRANSITIONS_BATCH, plan=progress.plan_names(), **values))
     answers: list[Job | BaseException] = []
     committed: list[Committed] = []
     for n, request in enumerate(requests, 1):
         row = rows.get(n)
         if row is not None and row["moved"]:
-            job = job_from_row(row, _MOVED_COLUMNS)
+            job = _progressed(job_from_row(row, _MOVED_COLUMNS), row)
             committed.append(Committed(row["event_id"], job.id, job.user_id, False))
             metrics.TRANSITIONS.labels(request.to_status).inc()
             answers.append(job)
@@ -422,7 +445,7 @@ def _explain_unmoved(row: asyncpg.Record | None, request: _Transition) -> Job | 
     """Nothing moved: the idempotent repeat (the job), or the error that says why."""
     if row is None:
         return errors.NotFoundError("job not found", job_id=str(request.job_id))
-    job = job_from_row(row, _MOVED_COLUMNS)
+    job = _progressed(job_from_row(row, _MOVED_COLUMNS), row)
     refusal = _refusal(job, request.attempt, request.dispatch_id, row["issued"])
     if refusal is not None:
         return refusal
@@ -516,7 +539,10 @@ HEARTBEATS = Statement(
         FROM input AS i JOIN locked AS p ON p.id = i.job_id
         CROSS JOIN LATERAL (SELECT {dispatch_issued("p", "i.dispatch_id")} AS issued) AS f
     ), beat AS (
-        UPDATE provisioning_jobs AS j SET last_heartbeat_at = now(), updated_at = now()
+        UPDATE provisioning_jobs AS j SET
+            last_heartbeat_at = now(), updated_at = now(),
+            first_heartbeat_at = COALESCE(j.first_heartbeat_at, now()),
+            heartbeat_count = j.heartbeat_count + 1
         FROM checked AS c
         WHERE j.id = c.job_id AND c.status = '{JobStatus.PROVISIONING}'
           AND c.current_attempt = c.attempt AND c.fence_ok
@@ -599,6 +625,205 @@ async def record_heartbeat(
     )
 
 
+# --------------------------------------------------------------------------- step reports
+
+# The workflow reports each step of the plan (started, succeeded, failed), fenced exactly
+# as a status callback is: the attempt, the dispatch (a refused run is put up for
+# cancellation), the job provisioning. The attempt's step states live on the job's row
+# (`steps`), so the decision (a repeat records nothing, a step never moves backwards) is
+# taken on the row the statement locks: concurrent reports of one job are serialised by
+# that lock and each sees the one before it. A recorded report updates `steps` and writes
+# its history row; a step that succeeds records how long it took since it started (0
+# without a start): the ETA's samples.
+_STEP = "p.steps -> i.step"
+STEP_REPORTS = Statement(
+    f"""
+    WITH input AS (
+        SELECT * FROM unnest(
+            CAST(:job_id AS uuid[]), CAST(:attempt AS integer[]),
+            CAST(:dispatch_id AS uuid[]), CAST(:workflow_run_id AS text[]),
+            CAST(:step AS text[]), CAST(:state AS text[]), CAST(:detail AS text[])
+        ) WITH ORDINALITY AS i(job_id, attempt, dispatch_id, workflow_run_id, step, state,
+                               detail, n)
+    ), locked AS (
+        SELECT {JOB_COLUMNS}, steps FROM provisioning_jobs
+        WHERE id = ANY(CAST(:job_id AS uuid[])) ORDER BY id FOR NO KEY UPDATE
+    ), checked AS (
+        SELECT i.*, p.status AS job_status, p.attempt AS current_attempt, f.issued,
+               {fence_ok("p", "f.issued", dispatch="i.dispatch_id")} AS fence_ok,
+               p.attempt <> i.attempt AS stale, {_STEP} ->> 'state' AS last_state,
+               CAST({_STEP} ->> 'started_at' AS timestamptz) AS started_at
+        FROM input AS i JOIN locked AS p ON p.id = i.job_id
+        CROSS JOIN LATERAL (SELECT {dispatch_issued("p", "i.dispatch_id")} AS issued) AS f
+    ), accepted AS (
+        SELECT * FROM checked
+        WHERE fence_ok AND NOT stale AND job_status = '{JobStatus.PROVISIONING}'
+          AND (last_state IS NULL
+               OR (last_state = '{StepState.STARTED}' AND state <> '{StepState.STARTED}'))
+    ), updated AS (
+        UPDATE provisioning_jobs AS j SET
+            steps = j.steps || jsonb_build_object(a.step, jsonb_build_object(
+                'state', a.state,
+                'started_at', COALESCE(a.started_at, now()),
+                'finished_at', CASE WHEN a.state <> '{StepState.STARTED}' THEN now() END)),
+            updated_at = now()
+        FROM accepted AS a WHERE j.id = a.job_id
+        RETURNING {job_columns("j")}, j.steps
+    ), recorded AS (
+        INSERT INTO job_events (job_id, from_status, to_status, attempt, actor, kind, step,
+                                step_state, detail, seconds)
+        SELECT job_id, job_status, job_status, current_attempt, '{Actor.WORKFLOW}',
+               '{EventKind.STEP}', step, state, detail,
+               CASE WHEN state = '{StepState.SUCCEEDED}'
+                    THEN COALESCE(extract(epoch FROM now() - started_at), 0) END
+        FROM accepted
+        RETURNING id AS event_id, job_id, seconds
+    ), cancel AS ({
+        cancel_runs(
+            f'''SELECT c.workflow_run_id, c.job_id, c.dispatch_id, {_REFUSED_RUN_REASON}
+            FROM checked AS c
+            WHERE c.dispatch_id IS NOT NULL AND c.workflow_run_id IS NOT NULL
+              AND (NOT c.fence_ok OR c.stale)'''
+        )
+    }), {progress.PROGRESS_CTE}
+    SELECT c.n, r.event_id, r.seconds, c.issued, c.last_state, x.steps AS reports,
+           {progress.LEARNED}, {job_columns("x")}
+    FROM checked AS c
+    CROSS JOIN LATERAL (
+        SELECT * FROM updated AS u WHERE u.id = c.job_id
+        UNION ALL
+        SELECT {JOB_COLUMNS}, steps FROM locked AS p
+        WHERE p.id = c.job_id AND NOT EXISTS (SELECT 1 FROM updated AS u WHERE u.id = c.job_id)
+    ) AS x
+    CROSS JOIN learned
+    LEFT JOIN recorded AS r ON r.job_id = c.job_id
+    """
+)
+_STEP_COLUMNS = 8  # n, event_id, seconds, issued, last_state, reports, db_now, medians
+
+
+class _StepReport(msgspec.Struct, frozen=True):
+    job_id: UUID
+    attempt: int
+    dispatch_id: UUID | None
+    workflow_run_id: str | None
+    step: str
+    state: StepState
+    detail: str | None
+
+
+async def _run_step_reports(requests: Sequence[_StepReport]) -> list[Job | BaseException]:
+    fields = ("job_id", "attempt", "dispatch_id", "workflow_run_id", "step", "state", "detail")
+    values = _arrays(requests, *fields)
+    rows = _by_n(await fetch(STEP_REPORTS, plan=progress.plan_names(), **values))
+    answers: list[Job | BaseException] = []
+    committed: list[Committed] = []
+    for n, request in enumerate(requests, 1):
+        row = rows.get(n)
+        if row is None:
+            answers.append(errors.NotFoundError("job not found", job_id=str(request.job_id)))
+            continue
+        job = _progressed(job_from_row(row, _STEP_COLUMNS), row)
+        if row["event_id"] is not None:
+            committed.append(Committed(row["event_id"], job.id, job.user_id, False))
+            metrics.STEP_REPORTS.labels(request.state).inc()
+            if row["seconds"] is not None:
+                metrics.STEP_DURATION.labels(request.step).observe(row["seconds"])
+            answers.append(job)
+            continue
+        refusal = _refusal(job, request.attempt, request.dispatch_id, row["issued"])
+        if refusal is not None:
+            answers.append(refusal)
+        elif job.status != JobStatus.PROVISIONING:
+            answers.append(
+                errors.InvalidTransitionError(
+                    f"steps are reported while provisioning; the job is {job.status}",
+                    reason="invalid_transition",
+                    current_status=str(job.status),
+                )
+            )
+        elif row["last_state"] == request.state:
+            answers.append(job)  # a repeat: recorded already
+        else:
+            answers.append(
+                errors.InvalidTransitionError(
+                    f"step {request.step} is {row['last_state']}: it cannot be reported "
+                    f"{request.state} now",
+                    reason="invalid_transition",
+                    step=request.step,
+                    step_state=row["last_state"],
+                    requested_state=str(request.state),
+                )
+            )
+    announce(committed)
+    return answers
+
+
+_step_reports: Batcher[_StepReport, Job] = Batcher(
+    "step", _run_step_reports, keys=lambda r: (r.job_id,)
+)
+
+
+async def report_step(
+    job_id: UUID,
+    *,
+    attempt: int,
+    step: str,
+    state: StepState | str,
+    dispatch_id: UUID | None = None,
+    workflow_run_id: str | None = None,
+    detail: str | None = None,
+) -> Job:
+    """Record a step the workflow reports for this attempt (see STEP_REPORTS).
+
+    InvalidReferenceError for a step not in the plan (JOBS_PROVISION_STEPS); the job
+    answered, as a status callback is (refusals: StaleAttemptError,
+    SupersededDispatchError, InvalidTransitionError).
+    """
+    plan = progress.plan_names()
+    if step not in plan:
+        raise errors.InvalidReferenceError(
+            f"{step!r} is not a step of the provisioning plan", steps=plan
+        )
+    return await _step_reports.submit(
+        _StepReport(
+            job_id=job_id,
+            attempt=attempt,
+            dispatch_id=dispatch_id,
+            workflow_run_id=workflow_run_id,
+            step=step,
+            state=StepState(state),
+            detail=detail,
+        )
+    )
+
+
+# --------------------------------------------------------------------------- progress
+
+JOB_PROGRESS = Statement(
+    f"""SELECT j.id, {progress.step_reports("j")} AS reports, {progress.PROGRESS_COLUMNS}
+        FROM provisioning_jobs AS j WHERE j.id = ANY(CAST(:job_ids AS uuid[]))"""
+)
+
+
+async def with_progress(jobs: Sequence[Job]) -> list[Job]:
+    """The jobs, each with its progress (one statement for them all)."""
+    if not jobs:
+        return []
+    rows = {
+        row["id"]: row
+        for row in await fetch(
+            JOB_PROGRESS, job_ids=[job.id for job in jobs], plan=progress.plan_names()
+        )
+    }
+    return [_progressed(job, rows[job.id]) if job.id in rows else job for job in jobs]
+
+
+def _progressed(job: Job, row: asyncpg.Record) -> Job:
+    shown = progress.progress(job, row["reports"], row["medians"], row["db_now"])
+    return msgspec.structs.replace(job, progress=shown)
+
+
 # --------------------------------------------------------------------------- retry
 
 RETRY = Statement(
@@ -613,17 +838,23 @@ RETRY = Statement(
                                ELSE j.max_retries END,
             queued_at = now(), workflow_run_id = NULL, error = NULL, failed_step = NULL,
             failure_reason = NULL, claimed_at = NULL, last_heartbeat_at = NULL,
-            completed_at = NULL, dispatch_id = NULL, updated_at = now()
+            first_heartbeat_at = NULL, heartbeat_count = 0, steps = '{{}}', completed_at = NULL,
+            dispatch_id = NULL, updated_at = now()
         FROM locked
         WHERE j.id = locked.id AND locked.status IN ({sql_list(RETRY_SOURCES)})
           AND (locked.retry_count < locked.max_retries OR :grant_extra)
         RETURNING {job_columns("j")}, locked.status AS from_status
-    ), event AS ({record_events("moved", actor=":actor", reason=":reason")})
-    SELECT true AS moved, e.event_id, {JOB_COLUMNS} FROM moved JOIN event AS e ON e.job_id = id
+    ), event AS ({record_events("moved", actor=":actor", reason=":reason")}
+    ), {progress.PROGRESS_CTE}
+    SELECT true AS moved, e.event_id, CAST('{{}}' AS jsonb) AS reports, {progress.LEARNED},
+           {JOB_COLUMNS}
+    FROM moved JOIN event AS e ON e.job_id = id CROSS JOIN learned
     UNION ALL
-    SELECT false, NULL, {JOB_COLUMNS} FROM locked WHERE NOT EXISTS (SELECT 1 FROM moved)
+    SELECT false, NULL, NULL, NULL, NULL, {JOB_COLUMNS} FROM locked
+    WHERE NOT EXISTS (SELECT 1 FROM moved)
     """
 )
+_RETRY_COLUMNS = 5  # moved, event_id, reports, db_now, medians
 
 
 async def retry_job(
@@ -644,15 +875,16 @@ async def retry_job(
         actor=actor,
         reason=reason or ("extra attempt granted" if grant_extra_attempt else "retry"),
         grant_extra=grant_extra_attempt,
+        plan=progress.plan_names(),
     )
     if row is not None and row["moved"]:
         metrics.TRANSITIONS.labels(JobStatus.QUEUED).inc()
-        job = job_from_row(row, 2)
+        job = _progressed(job_from_row(row, _RETRY_COLUMNS), row)
         announce([Committed(row["event_id"], job.id, job.user_id, True)])
         return job
     if row is None:
         raise errors.NotFoundError("job not found", job_id=str(job_id))
-    job = job_from_row(row, 2)
+    job = job_from_row(row, _RETRY_COLUMNS)
     if job.status not in RETRY_SOURCES:
         raise errors.InvalidTransitionError(
             f"only failed jobs can be retried; the job is {job.status}",
@@ -719,12 +951,18 @@ SWEEP = Statement(
 GET_JOB_CHECKED = Statement(
     _fail_stale("id = :job_id")
     + f"""
-    SELECT true AS timed_out, e.event_id, {job_columns("m")}
+    SELECT true AS timed_out, e.event_id,
+           (SELECT {progress.step_reports("p")} FROM provisioning_jobs AS p WHERE p.id = m.id)
+           AS reports,
+           {progress.PROGRESS_COLUMNS}, {job_columns("m")}
     FROM moved AS m JOIN event AS e ON e.job_id = m.id
     UNION ALL
-    SELECT false, NULL, {JOB_COLUMNS} FROM provisioning_jobs
+    SELECT false, NULL, {progress.step_reports("j")}, {progress.PROGRESS_COLUMNS},
+           {job_columns("j")}
+    FROM provisioning_jobs AS j
     WHERE id = :job_id AND NOT EXISTS (SELECT 1 FROM moved)"""
 )
+_CHECKED_COLUMNS = 5  # timed_out, event_id, reports, db_now, medians
 
 
 def timeouts() -> dict[str, float]:
@@ -743,10 +981,10 @@ def _count_stale(job: Job) -> None:
 
 
 async def _get_job_checked(job_id: UUID) -> tuple[Job, bool]:
-    row = await fetchrow(GET_JOB_CHECKED, job_id=job_id, **timeouts())
+    row = await fetchrow(GET_JOB_CHECKED, job_id=job_id, plan=progress.plan_names(), **timeouts())
     if row is None:
         raise errors.NotFoundError("job not found", job_id=str(job_id))
-    job = job_from_row(row, 2)
+    job = _progressed(job_from_row(row, _CHECKED_COLUMNS), row)
     if row["timed_out"]:
         _count_stale(job)
         announce([Committed(row["event_id"], job.id, job.user_id, False)])
@@ -754,7 +992,8 @@ async def _get_job_checked(job_id: UUID) -> tuple[Job, bool]:
 
 
 async def get_job(job_id: UUID) -> Job:
-    """The job, after failing it if it is stale (the dashboard's on-demand check)."""
+    """The job, with its progress, after failing it if it is stale (the dashboard's
+    on-demand check): one statement."""
     job, _ = await _get_job_checked(job_id)
     return job
 
@@ -787,7 +1026,8 @@ BY_AGENT = Statement(
         ORDER BY created_at DESC, id DESC LIMIT 1"""
 )
 EVENTS = Statement(
-    """SELECT e.id, j.id, e.from_status, e.to_status, e.attempt, e.actor, e.reason, e.created_at
+    """SELECT e.id, j.id, e.from_status, e.to_status, e.attempt, e.actor, e.reason,
+              e.created_at, e.kind, e.step, e.step_state, e.detail
        FROM provisioning_jobs j LEFT JOIN job_events e ON e.job_id = j.id
        WHERE j.id = :job_id ORDER BY e.id"""
 )
@@ -804,12 +1044,21 @@ async def get_job_by_agent_id(agent_id: UUID) -> Job | None:
     return None if row is None else job_from_row(row)
 
 
-async def list_job_events(job_id: UUID) -> list[JobEvent]:
-    """The job's history, oldest first; NotFoundError for an unknown job."""
+def history_event(row: asyncpg.Record | tuple[Any, ...]) -> HistoryEvent:
+    """A `job_events` row (EVENTS' first twelve columns) as the event of its kind."""
+    event_id, job_id, from_status, to_status, attempt, actor, reason, at = row[:8]
+    kind, step, state, detail = row[8:12]
+    if kind == EventKind.STEP:
+        return StepEvent(event_id, job_id, attempt, step, state, at, detail)
+    return JobEvent(event_id, job_id, from_status, to_status, attempt, actor, reason, at)
+
+
+async def list_job_events(job_id: UUID) -> list[HistoryEvent]:
+    """The job's history, both kinds, oldest first; NotFoundError for an unknown job."""
     rows = await fetch(EVENTS, job_id=job_id)
     if not rows:
         raise errors.NotFoundError("job not found", job_id=str(job_id))
-    return [JobEvent(*r) for r in rows if r[0] is not None]
+    return [history_event(r) for r in rows if r[0] is not None]
 
 
 class _Cursor(msgspec.Struct, array_like=True):

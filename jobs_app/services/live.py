@@ -16,16 +16,21 @@ from __future__ import annotations
 from uuid import UUID
 
 import asyncpg
+import msgspec
 
 from jobs_app.core import errors
-from jobs_app.core.lifecycle import JobStatus
-from jobs_app.core.models import Job, JobEvent
-from jobs_app.db.fragments import job_columns
+from jobs_app.core.lifecycle import EventKind, JobStatus
+from jobs_app.core.models import Job, JobEvent, StepEvent
+from jobs_app.db.fragments import job_columns, job_from_row
 from jobs_app.db.statement import Statement, fetch, fetchrow
+from jobs_app.services import progress
 from jobs_app.services.announcements import Committed
+from jobs_app.services.jobs import history_event
 
 __all__ = [
+    "StepMessage",
     "StreamEvent",
+    "TransitionMessage",
     "committed_since",
     "job_events_after",
     "latest_event_id",
@@ -34,19 +39,38 @@ __all__ = [
     "user_events_after",
 ]
 
-_E_COLUMNS = ", ".join(f"e.{c}" for c in JobEvent.__struct_fields__)
-_EVENT_FIELDS = len(JobEvent.__struct_fields__)
+_E_COLUMNS = """e.id, e.job_id, e.from_status, e.to_status, e.attempt, e.actor, e.reason,
+    e.created_at, e.kind, e.step, e.step_state, e.detail"""
+_MESSAGE_COLUMNS = f"""{_E_COLUMNS}, {progress.step_reports("j")} AS reports,
+    {progress.PROGRESS_COLUMNS}, {job_columns("j")}"""
+_BEFORE_JOB = 15  # the event's twelve columns, reports, db_now, medians
 
 
-class StreamEvent(JobEvent):
-    """One `transition` message: the event, and the job as it is when it is sent."""
+class TransitionMessage(JobEvent, tag=EventKind.TRANSITION.value):
+    """A `transition` message: the event, and the job as it is when it is sent."""
 
     job: Job
 
 
+class StepMessage(StepEvent, tag=EventKind.STEP.value, kw_only=True):
+    """A `step` message: the step report, and the job as it is when it is sent."""
+
+    job: Job
+
+
+StreamEvent = TransitionMessage | StepMessage
+"""One message of a stream (its `kind` is its SSE event name)."""
+
+
 def _stream_event(row: asyncpg.Record) -> StreamEvent:
-    values = tuple(row)
-    return StreamEvent(*values[:_EVENT_FIELDS], Job(*values[_EVENT_FIELDS:]))  # type: ignore[call-arg]
+    job = job_from_row(row, _BEFORE_JOB)
+    job = msgspec.structs.replace(
+        job, progress=progress.progress(job, row["reports"], row["medians"], row["db_now"])
+    )
+    event = history_event(row)
+    if isinstance(event, StepEvent):
+        return StepMessage(**msgspec.structs.asdict(event), job=job)
+    return TransitionMessage(**msgspec.structs.asdict(event), job=job)
 
 
 _OPEN_JOB = Statement(
@@ -66,12 +90,12 @@ _OPEN_USER = Statement(
        FROM users u WHERE u.id = :user_id"""
 )
 _JOB_EVENTS_AFTER = Statement(
-    f"""SELECT {_E_COLUMNS}, {job_columns("j")}
+    f"""SELECT {_MESSAGE_COLUMNS}
         FROM job_events e JOIN provisioning_jobs j ON j.id = e.job_id
         WHERE e.job_id = :job_id AND e.id > :after ORDER BY e.id LIMIT :limit"""
 )
 _USER_EVENTS_AFTER = Statement(
-    f"""SELECT {_E_COLUMNS}, {job_columns("j")}
+    f"""SELECT {_MESSAGE_COLUMNS}
         FROM provisioning_jobs j JOIN job_events e ON e.job_id = j.id
         WHERE j.user_id = :user_id AND e.id > :after ORDER BY e.id LIMIT :limit"""
 )
@@ -111,13 +135,17 @@ async def open_user_stream(user_id: UUID, last_event_id: int | None) -> int:
 
 async def job_events_after(job_id: UUID, after: int, limit: int) -> list[StreamEvent]:
     """The job's events with id > `after`, oldest first, at most `limit`."""
-    rows = await fetch(_JOB_EVENTS_AFTER, job_id=job_id, after=after, limit=limit)
+    rows = await fetch(
+        _JOB_EVENTS_AFTER, job_id=job_id, after=after, limit=limit, plan=progress.plan_names()
+    )
     return [_stream_event(r) for r in rows]
 
 
 async def user_events_after(user_id: UUID, after: int, limit: int) -> list[StreamEvent]:
     """The events of all the user's jobs with id > `after`, oldest first, at most `limit`."""
-    rows = await fetch(_USER_EVENTS_AFTER, user_id=user_id, after=after, limit=limit)
+    rows = await fetch(
+        _USER_EVENTS_AFTER, user_id=user_id, after=after, limit=limit, plan=progress.plan_names()
+    )
     return [_stream_event(r) for r in rows]
 
 

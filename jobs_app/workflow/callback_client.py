@@ -7,6 +7,8 @@ format lives in one place:
 - `POST {base}/status`    {"attempt", "status", "dispatch_id"?, "workflow_run_id"?, "error"?,
   "failed_step"?} → 200 (the job)
 - `POST {base}/heartbeat` {"attempt", "dispatch_id"?, "workflow_run_id"?} → 204
+- `POST {base}/steps`     {"attempt", "step", "state", "dispatch_id"?, "workflow_run_id"?,
+  "detail"?} → 200 (the job)
 
 where `base` is `{JOBS_PUBLIC_URL}/api/callbacks/jobs/{job_id}` (the workflow's
 `callback_url` input). Each body is signed: `X-Signature: t=<unix>,v1=<hex>` with
@@ -103,6 +105,22 @@ def heartbeat_body(
         body["dispatch_id"] = str(dispatch_id)
     if workflow_run_id is not None:
         body["workflow_run_id"] = workflow_run_id
+    return body
+
+
+def step_body(
+    *,
+    attempt: int,
+    step: str,
+    state: str,
+    dispatch_id: UUID | str | None = None,
+    workflow_run_id: str | None = None,
+    detail: str | None = None,
+) -> dict[str, Any]:
+    body = heartbeat_body(attempt=attempt, dispatch_id=dispatch_id, workflow_run_id=workflow_run_id)
+    body |= {"step": step, "state": state}
+    if detail is not None:
+        body["detail"] = detail
     return body
 
 
@@ -203,14 +221,42 @@ async def send_heartbeat(
     )
 
 
+async def send_step(
+    client: httpx.AsyncClient,
+    base_url: str,
+    secret: str,
+    *,
+    attempt: int,
+    step: str,
+    state: str,
+    dispatch_id: UUID | str | None = None,
+    workflow_run_id: str | None = None,
+    detail: str | None = None,
+    retries: int = 3,
+    backoff: float = 0.5,
+) -> CallbackResult:
+    """`POST {base_url}/steps`: a step of the plan started, succeeded or failed."""
+    body = step_body(
+        attempt=attempt,
+        step=step,
+        state=state,
+        dispatch_id=dispatch_id,
+        workflow_run_id=workflow_run_id,
+        detail=detail,
+    )
+    return await post_signed(
+        client, f"{base_url.rstrip('/')}/steps", secret, body, retries=retries, backoff=backoff
+    )
+
+
 # --------------------------------------------------------------------------- the CLI
 
 
 def add_callback_parser(commands: Any) -> None:
-    """Add `callback status|heartbeat` to the `jobs-app` subcommands."""
+    """Add `callback status|heartbeat|step` to the `jobs-app` subcommands."""
     cmd = commands.add_parser(
         "callback",
-        help="send a signed status or heartbeat callback (run by the provisioning workflow)",
+        help="send a signed status, heartbeat or step callback (run by the provisioning workflow)",
         description=(
             f"Reads the secret from ${SECRET_ENV}. Exit codes: 0 ok, {EXIT_STOP} the service "
             f"answered 409 (this run must stop), {EXIT_ERROR} any other error."
@@ -219,7 +265,8 @@ def add_callback_parser(commands: Any) -> None:
     kinds = cmd.add_subparsers(dest="callback_kind", required=True)
     status = kinds.add_parser("status", help="report provisioning, running or failed")
     heartbeat = kinds.add_parser("heartbeat", help="a sign of life; --every N keeps sending")
-    for sub in (status, heartbeat):
+    step = kinds.add_parser("step", help="report a step of the plan: started, succeeded, failed")
+    for sub in (status, heartbeat, step):
         sub.add_argument(
             "--url",
             default=os.environ.get(URL_ENV),
@@ -233,6 +280,9 @@ def add_callback_parser(commands: Any) -> None:
     status.add_argument("--status", required=True, choices=["provisioning", "running", "failed"])
     status.add_argument("--error", default=None, help="what went wrong (with --status failed)")
     status.add_argument("--failed-step", default=None)
+    step.add_argument("--step", required=True, help="the step's name (JOBS_PROVISION_STEPS)")
+    step.add_argument("--state", required=True, choices=["started", "succeeded", "failed"])
+    step.add_argument("--detail", default=None, help="for support: at most 500 characters")
     heartbeat.add_argument(
         "--every",
         type=float,
@@ -296,6 +346,21 @@ async def _run(args: argparse.Namespace) -> int:
                 retries=args.retries,
             )
             _say(result, "status")
+            return result.exit_code
+        if args.callback_kind == "step":
+            result = await send_step(
+                client,
+                args.url,
+                secret,
+                attempt=args.attempt,
+                step=args.step,
+                state=args.state,
+                dispatch_id=args.dispatch_id,
+                workflow_run_id=args.workflow_run_id,
+                detail=args.detail,
+                retries=args.retries,
+            )
+            _say(result, "step")
             return result.exit_code
         if args.every is not None:
             if args.every <= 0:

@@ -34,7 +34,7 @@ from jobs_app.core import errors
 from jobs_app.core.logs import get_logger
 from jobs_app.core.metrics import STREAMS_CUT_OFF
 from jobs_app.http.live.hub import LiveHub, Slot
-from jobs_app.services.live import StreamEvent
+from jobs_app.services.live import StepMessage, StreamEvent
 
 log = get_logger("jobs_app.streams")
 
@@ -97,9 +97,10 @@ class EventStream:
                         log.warning("event stream ended: database unavailable")
                         break
                     for event in events:
+                        kind = b"step" if isinstance(event, StepMessage) else b"transition"
                         data = msgspec.json.encode(event)
                         last_sent = await self._send(
-                            send, b"id: %d\nevent: transition\ndata: %s\n\n" % (event.id, data)
+                            send, b"id: %d\nevent: %s\ndata: %s\n\n" % (event.id, kind, data)
                         )
                         self.after = event.id
                     if len(events) == BATCH:

@@ -19,7 +19,10 @@ def make_provisioner(settings: Settings) -> Provisioner | None:
     if kind == "simulated":
         from jobs_app.loops.provisioners.simulated import SimulatedProvisioner
 
-        return SimulatedProvisioner(secret=settings.callback_secret)
+        return SimulatedProvisioner(
+            secret=settings.callback_secret,
+            steps=[step.name for step in settings.provision_steps],
+        )
     from jobs_app.loops.provisioners.github import GitHubProvisioner
 
     return GitHubProvisioner.from_config(settings.github_config())

@@ -2,16 +2,20 @@
 
 `dispatch` answers OK at once and starts a task that drives the job through the
 service's own signed HTTP callbacks, exactly as the real workflow would (through the
-same client, jobs_app.workflow.callback_client): `provisioning`, a few heartbeats, then
-`running`. It stops at the first 409. Each run has an HTTP client of its own, as each
-runner of the real workflow has. Nothing is provisioned: it says so in the logs and in
+same client, jobs_app.workflow.callback_client): `provisioning`, then each step of the
+plan (started, a heartbeat, succeeded; a few heartbeats when it has no plan), then
+`running`, `interval` seconds apart, so `make run` shows a moving progress bar. It stops
+at the first 409. Each run has an HTTP client of its own, as each runner of the real
+workflow has. Nothing is provisioned: it says so in the logs and in
 every Result (`simulated=True`).
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 from uuid import UUID
 
 import httpx
@@ -28,9 +32,9 @@ def simulated_run_id(dispatch_id: UUID) -> str:
 
 
 class SimulatedProvisioner:
-    """Drives each dispatched job to `running` over `start_delay + (heartbeats + 1) *
-    interval` seconds, through `POST {callback_url}/status|heartbeat` signed with
-    `secret` (the service's JOBS_CALLBACK_SECRET)."""
+    """Drives each dispatched job to `running` through `POST
+    {callback_url}/status|heartbeat|steps` signed with `secret` (the service's
+    JOBS_CALLBACK_SECRET), one callback every `interval` seconds after `start_delay`."""
 
     name = "simulated"
 
@@ -40,6 +44,7 @@ class SimulatedProvisioner:
         secret: str,
         start_delay: float = 1.0,
         heartbeats: int = 2,
+        steps: Sequence[str] = (),
         interval: float = 1.0,
         timeout: float = 10.0,
         retries: int = 3,
@@ -49,6 +54,7 @@ class SimulatedProvisioner:
         self._secret = secret
         self.start_delay = start_delay
         self.heartbeats = heartbeats
+        self.steps = tuple(steps)
         self.interval = interval
         self.retries = retries
         self._timeout = timeout
@@ -106,43 +112,47 @@ class SimulatedProvisioner:
         async with httpx.AsyncClient(timeout=self._timeout) as client:
             await self._callbacks(client, run_id, request)
 
+    def _plan(self) -> list[str | tuple[str, str]]:
+        """The run's callbacks in order: a status, "heartbeat", or (step, state)."""
+        middle: list[str | tuple[str, str]] = ["heartbeat"] * self.heartbeats
+        if self.steps:
+            middle = []
+            for step in self.steps:
+                middle += [(step, "started"), "heartbeat", (step, "succeeded")]
+        return ["provisioning", *middle, "running"]
+
     async def _callbacks(
         self, client: httpx.AsyncClient, run_id: str, request: DispatchRequest
     ) -> None:
         outcomes = self.outcomes.setdefault(run_id, [])
         base = request.callback_url
         await asyncio.sleep(self.start_delay)
-        steps = ["provisioning", *["heartbeat"] * self.heartbeats, "running"]
-        for index, step in enumerate(steps):
+        for index, call in enumerate(self._plan()):
             if index:
                 await asyncio.sleep(self.interval)
-            if step == "heartbeat":
-                result = await callback_client.send_heartbeat(
-                    client,
-                    base,
-                    self._secret,
-                    attempt=request.attempt,
-                    dispatch_id=request.dispatch_id,
-                    workflow_run_id=run_id,
-                    retries=self.retries,
+            ids: dict[str, Any] = {
+                "attempt": request.attempt,
+                "dispatch_id": request.dispatch_id,
+                "workflow_run_id": run_id,
+                "retries": self.retries,
+            }
+            if call == "heartbeat":
+                result = await callback_client.send_heartbeat(client, base, self._secret, **ids)
+            elif isinstance(call, tuple):
+                step, state = call
+                result = await callback_client.send_step(
+                    client, base, self._secret, step=step, state=state, **ids
                 )
             else:
                 result = await callback_client.send_status(
-                    client,
-                    base,
-                    self._secret,
-                    attempt=request.attempt,
-                    status=step,
-                    dispatch_id=request.dispatch_id,
-                    workflow_run_id=run_id,
-                    retries=self.retries,
+                    client, base, self._secret, status=call, **ids
                 )
             outcomes.append(result)
             if not result.ok:
                 log.warning(
                     "simulated run stopped: a callback was refused",
                     workflow_run_id=run_id,
-                    callback=step,
+                    callback=str(call),
                     status_code=result.status_code,
                     reason=result.reason or result.detail,
                 )

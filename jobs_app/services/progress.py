@@ -1,0 +1,151 @@
+"""Progress the customer can watch: the plan's steps as the job's current attempt reported
+them, and an estimate of the time left learned from past jobs.
+
+The statements that return a job to the API add columns built here: the attempt's step
+states (`step_reports`: the job's `steps`, which each step report updates on the row it
+locks) and the medians (`MEDIANS`, one scalar subquery per
+statement, reading the last 50 samples of each step and of the wait before provisioning
+through two small partial indexes), with the database's `now()`. `progress()` turns them
+into the `Progress` every answer carries:
+
+- a step is `pending`, `started`, `succeeded` or `failed` as its last report says; one
+  reported `succeeded` without `started` started when it succeeded;
+- `eta_seconds` = the median of every step not yet succeeded (plus the median wait from
+  queued to provisioning while queued), minus the time already spent in the running
+  step (that step never below 0); null while any needed median has fewer than
+  MIN_SAMPLES samples, and once the job is running or failed.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import msgspec
+
+from jobs_app.core.lifecycle import EventKind, JobStatus, StepState
+from jobs_app.core.models import Job, Progress, StepProgress
+from jobs_app.core.settings import ProvisionStep, get_settings
+
+SAMPLES = 50
+"""The medians are taken over this many latest samples."""
+MIN_SAMPLES = 5
+"""Below this many samples, a median is not trusted: no estimate."""
+
+
+def step_reports(job: str) -> str:
+    """SQL: the current attempt's step states of `job` (its `steps` column)."""
+    return f"{job}.steps"
+
+
+MEDIANS = f"""(SELECT json_agg(json_build_array(m.step, m.median, m.samples)) FROM (
+        SELECT s.step, percentile_cont(0.5) WITHIN GROUP (ORDER BY x.seconds) AS median,
+               count(x.seconds) AS samples
+        FROM unnest(CAST(:plan AS text[])) AS s(step)
+        LEFT JOIN LATERAL (
+            SELECT e.seconds FROM job_events AS e
+            WHERE e.kind = '{EventKind.STEP}' AND e.step_state = '{StepState.SUCCEEDED}'
+              AND e.step = s.step
+            ORDER BY e.id DESC LIMIT {SAMPLES}) AS x ON true
+        GROUP BY s.step
+        UNION ALL
+        SELECT NULL, percentile_cont(0.5) WITHIN GROUP (ORDER BY w.seconds), count(w.seconds)
+        FROM (SELECT e.seconds FROM job_events AS e
+              WHERE e.kind = '{EventKind.TRANSITION}' AND e.to_status = '{JobStatus.PROVISIONING}'
+              ORDER BY e.id DESC LIMIT {SAMPLES}) AS w
+    ) AS m)"""
+"""SQL: `[[step or null (the wait), median seconds, samples], ...]`; needs `:plan`."""
+
+PROGRESS_COLUMNS = f"now() AS db_now, {MEDIANS} AS medians"
+"""The columns every job-returning statement adds once (with `step_reports` per job)."""
+
+PROGRESS_CTE = f"learned AS (SELECT {PROGRESS_COLUMNS})"
+"""The same, as a CTE for a statement with several branches (computed once): join it as
+`CROSS JOIN learned` and select LEARNED."""
+LEARNED = "learned.db_now, learned.medians"
+
+
+def plan() -> tuple[ProvisionStep, ...]:
+    return get_settings().provision_steps
+
+
+def plan_names() -> list[str]:
+    """The `:plan` parameter: the plan's step names."""
+    return [step.name for step in plan()]
+
+
+class _Medians(msgspec.Struct):
+    by_step: dict[str, tuple[float | None, int]]
+    wait: tuple[float | None, int]
+
+
+def _medians(raw: Any) -> _Medians:
+    by_step: dict[str, tuple[float | None, int]] = {}
+    wait: tuple[float | None, int] = (None, 0)
+    for step, median, samples in _json(raw) or []:
+        if step is None:
+            wait = (median, samples)
+        else:
+            by_step[step] = (median, samples)
+    return _Medians(by_step, wait)
+
+
+def _json(raw: Any) -> Any:
+    return msgspec.json.decode(raw) if isinstance(raw, (str, bytes)) else raw
+
+
+def progress(job: Job, reports: Any, medians: Any, now: datetime) -> Progress:
+    """The job's progress, from the columns its statement returned (see the module doc)."""
+    reported = _json(reports) or {}
+    steps: list[StepProgress] = []
+    current: str | None = None
+    for planned in plan():
+        report = reported.get(planned.name)
+        if report is None:
+            steps.append(StepProgress(planned.name, planned.label, "pending", None, None))
+            continue
+        state = report["state"]
+        if state == StepState.STARTED:
+            current = planned.name
+        steps.append(
+            StepProgress(
+                planned.name,
+                planned.label,
+                state,
+                _at(report["started_at"]),
+                _at(report["finished_at"]),
+            )
+        )
+    return Progress(
+        steps=steps,
+        completed=sum(step.state == StepState.SUCCEEDED for step in steps),
+        total=len(steps),
+        current=current,
+        eta_seconds=_eta(job, steps, _medians(medians), now),
+    )
+
+
+def _at(value: str | None) -> datetime | None:
+    return None if value is None else datetime.fromisoformat(value)
+
+
+def _eta(job: Job, steps: list[StepProgress], medians: _Medians, now: datetime) -> float | None:
+    if job.status not in (JobStatus.QUEUED, JobStatus.PROVISIONING):
+        return None
+    left = 0.0
+    for step in steps:
+        if step.state == StepState.SUCCEEDED:
+            continue
+        median, samples = medians.by_step.get(step.name, (None, 0))
+        if median is None or samples < MIN_SAMPLES:
+            return None
+        if step.state == StepState.STARTED and step.started_at is not None:
+            left += max(0.0, median - (now - step.started_at).total_seconds())
+        else:
+            left += median
+    if job.status == JobStatus.QUEUED:
+        median, samples = medians.wait
+        if median is None or samples < MIN_SAMPLES:
+            return None
+        left += median
+    return round(left, 3)
