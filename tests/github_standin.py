@@ -338,6 +338,9 @@ class GitHubStandIn:
         self._records: list[RequestRecord] = []
         self._runs: dict[int, Run] = {}
         self._tokens: dict[str, float] = {}  # installation token -> expiry (time.time())
+        self.credentials_seen: set[str] = set()
+        """Every Authorization credential received: the App's JWTs, installation tokens
+        (for tests that look for them where they must not be)."""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: asyncio.Server | None = None
@@ -529,6 +532,10 @@ class GitHubStandIn:
     def _handle(self, request: h11.Request, body: bytes) -> tuple[RequestRecord, _Answer]:
         target = urlsplit(request.target.decode())
         headers = {k.decode().lower(): v.decode() for k, v in request.headers}
+        credential = headers.get("authorization", "").partition(" ")[2]
+        if credential:
+            with self._lock:
+                self.credentials_seen.add(credential)
         method = request.method.decode()
         path = target.path
         repo = f"/repos/{self.owner}/{self.repo}"

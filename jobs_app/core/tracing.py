@@ -129,13 +129,14 @@ def _check_propagators(raw: str) -> None:
 
 
 def _check_sdk(e: Mapping[str, str]) -> None:
-    from opentelemetry.sdk.trace import SpanLimits
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+    try:  # the SDK reads the OTEL_*_LIMIT variables as it is imported; its messages name them
+        from opentelemetry.sdk.trace import SpanLimits
 
-    try:
-        SpanLimits()  # its messages name the OTEL_*_LIMIT variable
+        SpanLimits()
     except ValueError as exc:
         raise SettingsError(str(exc)) from None
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+
     try:
         BatchSpanProcessor(ConsoleSpanExporter()).shutdown()
     except ValueError as exc:
