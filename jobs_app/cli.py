@@ -50,10 +50,19 @@ def _check_dispatch(settings: Settings) -> None:
         )
 
 
+def _check_tracing() -> None:
+    """OTEL_* settings that cannot work stop us here, naming the variable (exit code 2),
+    rather than in every worker, or at the first request."""
+    from jobs_app.core import tracing
+
+    tracing.check_settings()
+
+
 def serve(host: str, port: int, workers: int, access_log: bool) -> None:
     import uvicorn
 
     settings = get_settings().require_secrets()
+    _check_tracing()
     if settings.dev_mode and not settings.public_url:
         # The simulated workflow calls this very server back.
         os.environ["JOBS_PUBLIC_URL"] = f"http://{host}:{port}"
@@ -93,15 +102,19 @@ def dispatch() -> None:
     _check_dispatch(settings)
     if settings.effective_provisioner == "none":
         raise SettingsError("jobs-app dispatch needs JOBS_PROVISIONER=github (or simulated)")
+    _check_tracing()
     asyncio.run(_dispatch_until_stopped(settings))
 
 
 async def _dispatch_until_stopped(settings: Settings) -> None:
     from jobs_app.core import tracing
+    from jobs_app.core.redaction import service_secrets
     from jobs_app.db import connector
     from jobs_app.loops.background import BackgroundLoops
 
-    tracing.configure_tracing()  # the dispatcher's rounds and GitHub calls, as under serve
+    # The same resource, processors and redaction as under serve: the dispatcher's
+    # rounds, their statements and GitHub calls.
+    tracing.configure_tracing(service_secrets(settings))
     await connector.start_pool(settings)
     loops = BackgroundLoops(settings, sweep=False)
     stopped = asyncio.Event()

@@ -71,6 +71,8 @@ from jobs_app.workflow import callback_client
 WORKFLOW_INPUTS = frozenset(
     {"job_id", "attempt", "dispatch_id", "agent_id", "user_id", "region", "callback_url"}
 )
+OPTIONAL_INPUTS = frozenset({"traceparent"})
+"""Inputs the workflow declares `required: false`."""
 NEW_API_VERSION = "2026-03-10"
 """From this API version on, a dispatch is answered 200 with the run's id and URLs."""
 
@@ -336,6 +338,9 @@ class GitHubStandIn:
         self._records: list[RequestRecord] = []
         self._runs: dict[int, Run] = {}
         self._tokens: dict[str, float] = {}  # installation token -> expiry (time.time())
+        self.credentials_seen: set[str] = set()
+        """Every Authorization credential received: the App's JWTs, installation tokens
+        (for tests that look for them where they must not be)."""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: asyncio.Server | None = None
@@ -527,6 +532,10 @@ class GitHubStandIn:
     def _handle(self, request: h11.Request, body: bytes) -> tuple[RequestRecord, _Answer]:
         target = urlsplit(request.target.decode())
         headers = {k.decode().lower(): v.decode() for k, v in request.headers}
+        credential = headers.get("authorization", "").partition(" ")[2]
+        if credential:
+            with self._lock:
+                self.credentials_seen.add(credential)
         method = request.method.decode()
         path = target.path
         repo = f"/repos/{self.owner}/{self.repo}"
@@ -694,7 +703,7 @@ class GitHubStandIn:
             return _Answer(422, {"message": f"No ref found for: {ref}"})
         if not isinstance(inputs, dict):
             return _Answer(422, {"message": "Invalid request: inputs is not an object"})
-        unexpected = sorted(set(inputs) - WORKFLOW_INPUTS)
+        unexpected = sorted(set(inputs) - WORKFLOW_INPUTS - OPTIONAL_INPUTS)
         if unexpected:
             return _Answer(422, {"message": f"Unexpected inputs provided: {unexpected}"})
         for name in sorted(WORKFLOW_INPUTS):
@@ -822,7 +831,11 @@ class GitHubStandIn:
                 return
             run.started = True
             run.status = "in_progress"
-            async with httpx.AsyncClient(timeout=config.timeout) as http:
+            # As the workflow does: the dispatch's traceparent input on every callback.
+            trace = callback_client.trace_headers(
+                {callback_client.TRACEPARENT_ENV: run.inputs.get("traceparent", "")}
+            )
+            async with httpx.AsyncClient(timeout=config.timeout, headers=trace) as http:
                 ok = await self._provision(run, config, http)
             if not run.cancelled:
                 run.status = "completed"
@@ -890,7 +903,11 @@ class GitHubStandIn:
             ]
             if status is not None:
                 argv += ["--status", status]
-            env = {**os.environ, callback_client.SECRET_ENV: config.secret}
+            env = {
+                **os.environ,
+                callback_client.SECRET_ENV: config.secret,
+                callback_client.TRACEPARENT_ENV: inputs.get("traceparent", ""),
+            }
             proc = await asyncio.create_subprocess_exec(
                 *argv, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
             )

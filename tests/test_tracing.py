@@ -15,8 +15,7 @@ from typing import Any
 import httpx
 import pytest
 from opentelemetry import trace
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from jobs_app.core import tracing
@@ -28,9 +27,7 @@ from tests.http_helpers import callback
 @pytest.fixture
 def spans() -> Iterator[InMemorySpanExporter]:
     exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    assert tracing.configure_tracing(provider) is provider
+    assert tracing.configure_tracing(exporter=exporter) is not None
     try:
         yield exporter
     finally:
@@ -219,3 +216,66 @@ async def test_one_dispatch_is_a_github_request_span_under_the_dispatchers(
     for span in clients:
         assert span.parent is not None and by_id[span.parent.span_id] is request
     assert (request.attributes or {})["job_id"]
+
+
+def test_spans_are_redacted_before_export_whatever_the_attribute_name(spans):
+    """Every string of a span goes through the log redaction's list: URLs under any name,
+    captured secret headers, exception events, status, links."""
+    token, jwt = "ghs_" + "a1" * 12, "eyJhbGciOiJSUzI1NiJ9.eyJpc3MiOiI0MjQyIn0.c2lnbmF0dXJlc2ln"
+    provider = tracing.provider()
+    assert provider is not None
+    tracer = provider.get_tracer("test")
+    with tracer.start_as_current_span("GET /stream?token=s3cr3t-stream") as span:
+        span.set_attribute("http.url", "http://h/api/users/1/events/stream?token=s3cr3t-stream")
+        span.set_attribute("url.query", "token=s3cr3t-stream&last_event_id=4")
+        span.set_attribute("url.full", "postgresql://app:hunter2hunter2@db/jobs")
+        span.set_attribute("http.request.header.authorization", ("Bearer anything-at-all",))
+        span.set_attribute("http.request.header.x_signature", ("t=1,v1=" + "ab" * 32,))
+        span.set_attribute("retries", 3)
+        span.record_exception(RuntimeError(f"GitHub said no to {token} signed {jwt}"))
+        span.set_status(trace.StatusCode.ERROR, f"refused token {token}")
+    [exported] = spans.get_finished_spans()
+    attributes = dict(exported.attributes or {})
+    assert attributes == {
+        "http.url": "http://h/api/users/1/events/stream?token=[redacted]",
+        "url.query": "token=[redacted]&last_event_id=4",
+        "url.full": "postgresql://app:[redacted]@db/jobs",
+        "http.request.header.authorization": ("[redacted]",),
+        "http.request.header.x_signature": ("[redacted]",),
+        "retries": 3,
+    }
+    assert exported.name == "GET /stream?token=[redacted]"
+    text = repr([(e.name, dict(e.attributes or {})) for e in exported.events])
+    assert token not in text and jwt not in text and "[redacted]" in text
+    assert exported.status.description == "refused token [redacted]"
+
+
+def test_trace_ids_for_log_lines_never_raise_even_without_a_context(spans):
+    """OTEL_PROPAGATORS=none made the current context None: every log line then raised."""
+    from opentelemetry import context
+
+    token = context.attach(None)  # type: ignore[arg-type]
+    try:
+        assert tracing.current_trace_ids() == {}
+        assert tracing.current_traceparent() is None
+    finally:
+        context.detach(token)
+
+
+def test_the_callback_client_sends_only_a_valid_traceparent():
+    from jobs_app.workflow.callback_client import trace_headers
+
+    valid = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    assert trace_headers({"TRACEPARENT": valid}) == {"traceparent": valid}
+    assert trace_headers({"TRACEPARENT": valid, "TRACESTATE": "vendor=x"}) == {
+        "traceparent": valid,
+        "tracestate": "vendor=x",
+    }
+    assert trace_headers({}) == {} and trace_headers({"TRACEPARENT": ""}) == {}
+    for bad in (
+        "00-" + "0" * 32 + "-00f067aa0ba902b7-01",  # an all-zero trace id
+        "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",  # a forbidden version
+        "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",  # not lowercase
+        valid + "\r\nX-Injected: 1",
+    ):
+        assert trace_headers({"TRACEPARENT": bad}) == {}, bad

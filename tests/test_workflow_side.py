@@ -25,7 +25,7 @@ from jobs_app.loops.provisioners.github import GitHubProvisioner
 from jobs_app.loops.provisioners.simulated import SimulatedProvisioner
 from jobs_app.workflow import callback_client
 from tests.conftest import API_HEADERS, CALLBACK_SECRET, TEST_DATABASE_URL, LoggedServer
-from tests.github_standin import WORKFLOW_INPUTS, GitHubStandIn, RunnerConfig
+from tests.github_standin import OPTIONAL_INPUTS, WORKFLOW_INPUTS, GitHubStandIn, RunnerConfig
 from tests.http_helpers import make_job
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -363,8 +363,13 @@ def test_the_workflow_declares_the_seven_string_inputs_and_the_run_name() -> Non
     workflow = yaml.safe_load(WORKFLOW.read_text())
     trigger = workflow[True]["workflow_dispatch"]  # YAML 1.1 reads the key `on` as True
     inputs = trigger["inputs"]
-    assert set(inputs) == WORKFLOW_INPUTS
-    assert all(spec["type"] == "string" and spec["required"] for spec in inputs.values())
+    assert set(inputs) == WORKFLOW_INPUTS | OPTIONAL_INPUTS
+    assert all(spec["type"] == "string" for spec in inputs.values())
+    assert all(inputs[name]["required"] for name in WORKFLOW_INPUTS)
+    # The dispatch's trace context, when jobs_app traces, reaches `jobs-app callback`.
+    assert not inputs["traceparent"]["required"]
+    env = workflow["jobs"]["provision"]["env"]
+    assert env["TRACEPARENT"] == "${{ inputs.traceparent }}"
     assert workflow["run-name"] == "provision ${{ inputs.dispatch_id }}"
     steps = workflow["jobs"]["provision"]["steps"]
     assert steps[-1]["if"].startswith("always()")

@@ -69,9 +69,12 @@ class DispatchRequest(msgspec.Struct, frozen=True, kw_only=True):
     region: str
     callback_url: str
     """`callback_url(JOBS_PUBLIC_URL, job_id)`: the base of the job's callback routes."""
+    traceparent: str | None = None
+    """The dispatch's span as a W3C traceparent when tracing is on: the workflow hands it
+    to `jobs-app callback` (TRACEPARENT), so the run's callbacks join the trace."""
 
     def inputs(self) -> dict[str, str]:
-        return {
+        inputs = {
             "job_id": str(self.job_id),
             "attempt": str(self.attempt),
             "dispatch_id": str(self.dispatch_id),
@@ -80,6 +83,9 @@ class DispatchRequest(msgspec.Struct, frozen=True, kw_only=True):
             "region": self.region,
             "callback_url": self.callback_url,
         }
+        if self.traceparent:  # optional in the workflow: absent when tracing is off
+            inputs["traceparent"] = self.traceparent
+        return inputs
 
 
 class Provisioner(Protocol):

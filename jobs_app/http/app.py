@@ -13,6 +13,7 @@ from litestar.openapi.spec import Components, SecurityScheme
 
 from jobs_app.core import tracing
 from jobs_app.core.logs import configure_logging, get_logger
+from jobs_app.core.redaction import service_secrets
 from jobs_app.core.settings import Settings, get_settings
 from jobs_app.db import connector
 from jobs_app.http.admin import admin_route_handlers
@@ -44,7 +45,8 @@ def create_app(
     settings = (settings or get_settings()).require_secrets().check_dispatch()
     # Each uvicorn worker is a process of its own: logging is configured as the app is built.
     configure_logging(settings)
-    tracing.configure_tracing()  # only when the OTEL_* variables ask for it
+    # Only when the OTEL_* variables ask for it; spans hide the secrets the logs hide.
+    tracing.configure_tracing(service_secrets(settings))
     plugin = tracing_plugin()
 
     @contextlib.asynccontextmanager

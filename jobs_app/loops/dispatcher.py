@@ -39,7 +39,7 @@ from jobs_app.core.provisioning import (
     callback_url,
 )
 from jobs_app.core.settings import Settings
-from jobs_app.core.tracing import round_span
+from jobs_app.core.tracing import current_traceparent, round_span
 from jobs_app.services import dispatches
 
 log = get_logger("jobs_app.dispatcher")
@@ -215,6 +215,7 @@ class Dispatcher:
             user_id=claim.user_id,
             region=claim.region,
             callback_url=callback_url(self.settings.public_url, claim.job_id),
+            traceparent=current_traceparent(),  # this dispatch.request span
         )
         result = await self.provisioner.dispatch(request)
         metrics.DISPATCH_OUTCOMES.labels(TryKind.DISPATCH, result.outcome).inc()

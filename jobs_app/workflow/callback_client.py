@@ -14,6 +14,11 @@ where `base` is `{JOBS_PUBLIC_URL}/api/callbacks/jobs/{job_id}` (the workflow's
 `callback_url` input). Each body is signed: `X-Signature: t=<unix>,v1=<hex>` with
 hex = HMAC-SHA256(JOBS_CALLBACK_SECRET, f"{t}.{raw_body}").
 
+With `TRACEPARENT` (and `TRACESTATE`) in its environment, as the workflow sets them from
+the dispatch's `traceparent` input, `jobs-app callback` sends them as the W3C
+`traceparent`/`tracestate` headers: the callbacks' spans join the trace that dispatched
+the run. No OpenTelemetry is needed on the runner for that.
+
 A 409 means this run must stop (its dispatch was superseded, its attempt is stale, or
 the move is not allowed): exit code 3. Other errors exit 1, after a few retries for
 network errors and 5xx (callbacks are idempotent, so a retry is safe).
@@ -25,7 +30,9 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import sys
+from collections.abc import Mapping
 from typing import Any
 from uuid import UUID
 
@@ -42,6 +49,14 @@ EXIT_STOP = 3
 
 SECRET_ENV = "JOBS_CALLBACK_SECRET"
 URL_ENV = "JOBS_CALLBACK_URL"
+TRACEPARENT_ENV = "TRACEPARENT"
+TRACESTATE_ENV = "TRACESTATE"
+
+# W3C trace context: version-trace_id-parent_id-flags, lowercase hex.
+_TRACEPARENT = re.compile(
+    r"(?P<version>[0-9a-f]{2})-(?P<trace>[0-9a-f]{32})-(?P<span>[0-9a-f]{16})-[0-9a-f]{2}"
+)
+_TRACESTATE = re.compile(r"[\x20-\x7e]{1,512}")
 
 _TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
 MAX_BACKOFF_SECONDS = 30.0
@@ -291,6 +306,33 @@ def add_callback_parser(commands: Any) -> None:
     )
 
 
+def trace_headers(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """`traceparent` (and `tracestate`) from the environment's TRACEPARENT (TRACESTATE),
+    when it is a valid W3C value; nothing otherwise (empty when the run was dispatched
+    without tracing; a malformed one is said on stderr and not sent)."""
+    e = os.environ if env is None else env
+    traceparent = e.get(TRACEPARENT_ENV, "").strip()
+    if not traceparent:
+        return {}
+    match = _TRACEPARENT.fullmatch(traceparent)
+    if (
+        match is None
+        or match["version"] == "ff"
+        or set(match["trace"]) == {"0"}
+        or set(match["span"]) == {"0"}
+    ):
+        print(
+            f"jobs-app callback: ${TRACEPARENT_ENV} is not a W3C traceparent: not sent",
+            file=sys.stderr,
+        )
+        return {}
+    headers = {"traceparent": traceparent}
+    tracestate = e.get(TRACESTATE_ENV, "").strip()
+    if tracestate and _TRACESTATE.fullmatch(tracestate):
+        headers["tracestate"] = tracestate
+    return headers
+
+
 def _say(result: CallbackResult, what: str) -> None:
     if result.ok:
         return
@@ -331,7 +373,7 @@ async def _run(args: argparse.Namespace) -> int:
     if not args.url:
         print(f"jobs-app callback: give --url or set ${URL_ENV}", file=sys.stderr)
         return EXIT_ERROR
-    async with httpx.AsyncClient(timeout=args.timeout) as client:
+    async with httpx.AsyncClient(timeout=args.timeout, headers=trace_headers()) as client:
         if args.callback_kind == "status":
             result = await send_status(
                 client,
