@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 
+import asyncpg
 import httpx
 import pytest
 
@@ -133,10 +134,12 @@ async def test_a_transition_made_by_hand_in_psql_reaches_the_streams(
 
 
 async def test_a_job_queued_through_one_replica_wakes_anothers_dispatcher(
-    api: httpx.AsyncClient, database: str
+    api: httpx.AsyncClient, database: str, db: asyncpg.Connection
 ) -> None:
     """This test process is the other replica: a dispatcher that polls only every 30 s
-    and a listener. Each job enqueued through the server is dispatched here at once."""
+    and a listener. Each job enqueued through the server is dispatched here at once.
+    (`db`: the tables start empty, so no job an earlier test left queued is dispatched
+    first.)"""
     import msgspec
 
     settings = msgspec.structs.replace(
