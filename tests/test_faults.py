@@ -53,6 +53,17 @@ async def wait_for(condition: Any, within: float, what: str, step: float = 0.05)
         await asyncio.sleep(step)  # polling another process's progress
 
 
+async def idle_pool_connections(conn: asyncpg.Connection) -> int:
+    """The app's pooled connections (application_name jobs_app) idle right now."""
+    await conn.execute("SELECT pg_stat_clear_snapshot()")
+    return int(
+        await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND application_name = 'jobs_app' AND state = 'idle'"
+        )
+    )
+
+
 async def lock_waiters(conn: asyncpg.Connection) -> int:
     """Sessions of this database waiting for a row or transaction lock, seen from `conn`
     (which may be in a transaction: pg_stat_activity is read once per transaction unless
@@ -521,12 +532,14 @@ async def _no_connection_slots_left(
 ) -> dict[str, object]:
     """Every connection slot of the server taken (possible only on our own server):
     requests that need a new connection get 503, and all is well once slots free up."""
+    # Concurrent reads first, so the pool holds several connections (as it may anyway).
+    await asyncio.gather(*(c.get(f"/api/jobs/{job_id}") for _ in range(6)))
     holder = await asyncpg.connect(url)
     await holder.execute("BEGIN")
     await holder.execute(
         "SELECT 1 FROM provisioning_jobs WHERE id = $1 FOR UPDATE", uuid.UUID(job_id)
     )
-    # The app's one pooled connection is kept busy (a heartbeat waits for the lock) ...
+    # One of the app's pooled connections is kept busy (a heartbeat waits for the lock) ...
     busy = asyncio.create_task(
         c.post(f"/api/callbacks/jobs/{job_id}/heartbeat", **_signed({"attempt": 1}))
     )
@@ -535,6 +548,22 @@ async def _no_connection_slots_left(
         return await lock_waiters(holder) >= 1
 
     await wait_for(waiting, DB_TIMEOUT - 1, "the heartbeat blocked on the lock")
+    # ... and so is every other connection the pool holds (it may hold more than one: an
+    # announcement's NOTIFY, the listener's catch-up read, a read after a write each take
+    # one while a request holds another): a retry of the locked job waits for the lock on
+    # an idle one, until none is idle, so the requests below need a new connection.
+    blocked = [busy]
+    for _ in range(20):
+        idle = await idle_pool_connections(holder)
+        if idle == 0:
+            break
+        blocked += [asyncio.create_task(c.post(f"/api/jobs/{job_id}/retry")) for _ in range(idle)]
+
+        async def all_waiting(count: int = len(blocked)) -> bool:
+            return await lock_waiters(holder) >= count
+
+        await wait_for(all_waiting, DB_TIMEOUT - 1, "the retries blocked on the lock")
+    assert await idle_pool_connections(holder) == 0
     # ... and every other slot is taken.
     fillers: list[asyncpg.Connection] = []
     try:
@@ -565,6 +594,8 @@ async def _no_connection_slots_left(
         assert elapsed < ANSWER_BOUND
     assert health.status_code == 503
     assert (await busy).status_code in (204, 503)  # done, or timed out waiting for the lock
+    for retry in blocked[1:]:  # refused (the job is not failed), or timed out waiting
+        assert (await retry).status_code in (409, 503)
     assert (await c.get("/health")).status_code == 200
     assert (await c.get(f"/api/jobs/{job_id}")).status_code == 200
     return {"connection_slots_taken": len(fillers), "requests_without_a_slot": len(refused) + 1}
