@@ -273,6 +273,7 @@ async def test_with_no_query_the_jobs_needing_attention(
     )
     answer = await client.get(f"{CONSOLE}/")
     assert answer.status_code == 200
+    assert answer.headers["content-type"].startswith("text/html")
     rows = dict(re.findall(r'<tr data-job-id="([0-9a-f-]+)" data-why="([a-z]+)">', answer.text))
     assert rows == {str(failed.id): "failed", str(stuck.id): "slow"}
     assert str(fresh.id) not in answer.text
@@ -309,6 +310,7 @@ async def test_a_jobs_page_tells_its_whole_story_in_order(
 
     answer = await client.get(f"{CONSOLE}/jobs/{job.id}")
     assert answer.status_code == 200
+    assert answer.headers["content-type"].startswith("text/html")
     page = answer.text
     assert '<span class="status" id="status" data-status="queued">' in page
     assert email in page

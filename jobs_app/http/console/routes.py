@@ -11,7 +11,7 @@ from uuid import UUID
 
 from litestar import Request, Response, Router, get, post
 from litestar.datastructures import Cookie
-from litestar.enums import RequestEncodingType
+from litestar.enums import MediaType, RequestEncodingType
 from litestar.exceptions import HTTPException
 from litestar.params import Body
 from litestar.plugins.jinja import JinjaTemplateEngine
@@ -99,6 +99,7 @@ def _error_page(request: Request[Any, Any, Any], exc: Exception) -> Response[Any
             "base": CONSOLE_PATH,
         },
         status_code=status,
+        media_type=MediaType.HTML,
     )
 
 
@@ -122,6 +123,7 @@ def _page(
         },
         status_code=status,
         cookies=cookies,
+        media_type=MediaType.HTML,
     )
 
 
