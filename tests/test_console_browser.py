@@ -204,6 +204,8 @@ async def test_support_finds_a_job_reads_it_live_and_retries_it(
             # A job in flight, live: a transition through the API appears without a reload.
             await page.goto(f"{base}/admin/console/jobs/{live_id}")
             await expect(page.locator("body")).to_have_attribute("data-live", "live")
+            await expect(page.locator("#fail-form")).to_be_visible()
+            await shoot(page, "in-flight-job")
             await page.evaluate("window.notReloaded = true")
             before = await items.count()
             answer = await callback(

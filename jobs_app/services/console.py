@@ -111,6 +111,8 @@ class JobPage(msgspec.Struct):
     agent_name: str
     run_url: str | None
     """The current attempt's run on GitHub (its dispatch's recorded run URL)."""
+    run_id: str | None
+    """That run's id (the dispatch's, else the job's)."""
     timeline: list[TimelineItem]
     last_event_id: int
     now: datetime
@@ -477,15 +479,15 @@ def _timeline(
     return items
 
 
-def _run_url(job: Job, dispatches: list[_Dispatch]) -> str | None:
-    """The current attempt's run: its bound dispatch's, else its latest with a run URL."""
-    for dispatch in dispatches:
-        if dispatch.id == job.dispatch_id and _web_link(dispatch.run_url):
-            return dispatch.run_url
-    for dispatch in reversed(dispatches):
-        if dispatch.attempt == job.attempt and _web_link(dispatch.run_url):
-            return dispatch.run_url
-    return None
+def _current_run(job: Job, dispatches: list[_Dispatch]) -> tuple[str | None, str | None]:
+    """The current attempt's run (URL, id): its bound dispatch's, else its latest
+    dispatch's with a run URL; else only the id the job has."""
+    bound = [d for d in dispatches if d.id == job.dispatch_id]
+    latest = [d for d in reversed(dispatches) if d.attempt == job.attempt]
+    for dispatch in bound + latest:
+        if _web_link(dispatch.run_url):
+            return dispatch.run_url, dispatch.workflow_run_id or job.workflow_run_id
+    return None, job.workflow_run_id
 
 
 async def job_page(job_id: UUID) -> JobPage | None:
@@ -500,11 +502,13 @@ async def job_page(job_id: UUID) -> JobPage | None:
     events: list[_Event] = _decode(row["events"], _Event)
     dispatches: list[_Dispatch] = _decode(row["dispatches"], _Dispatch)
     cancellations: list[_Cancellation] = _decode(row["cancellations"], _Cancellation)
+    run_url, run_id = _current_run(job, dispatches)
     return JobPage(
         job=job,
         email=row["email"],
         agent_name=row["agent_name"],
-        run_url=_run_url(job, dispatches),
+        run_url=run_url,
+        run_id=run_id,
         timeline=_timeline(job, events, dispatches, cancellations),
         last_event_id=events[-1].id if events else 0,
         now=row["db_now"],
