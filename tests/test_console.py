@@ -248,10 +248,14 @@ async def test_a_query_that_finds_nothing_says_so_escaped(
         assert 'id="nothing-found"' in answer.text, query
         assert str(escape(query)) in answer.text
     assert XSS not in answer.text
-    # A query too long is refused in words, never a 500.
+    # A query too long, or one PostgreSQL can't hold, is refused in words, never a 500.
     answer = await client.get(f"{CONSOLE}/", params={"q": "x" * 321})
     assert answer.status_code == 400
     assert "at most 320" in answer.text
+    for raw in ("q=a%00b", "q=%ff%fe", "q=%ED%A0%80abc", "q=a&q=b", "q"):
+        answer = await client.get(f"{CONSOLE}/?{raw}")
+        assert answer.status_code in (200, 400), (raw, answer.status_code)
+        assert answer.headers["content-type"].startswith("text/html"), raw
 
 
 async def test_with_no_query_the_jobs_needing_attention(
@@ -412,6 +416,10 @@ async def test_actions_need_the_csrf_token_and_record_the_staff_user(
     # No reason: refused in words.
     answer = await client.post(url, data={"csrftoken": token, "reason": "   "})
     assert answer.status_code == 400 and "Give a reason" in answer.text
+    answer = await client.post(url, data={"csrftoken": token, "reason": "a\x00b"})
+    assert answer.status_code == 400 and "NUL" in answer.text
+    answer = await client.post(url, data={"csrftoken": token, "reason": "x" * 1001})
+    assert answer.status_code == 400 and "at most 1000" in answer.text
     # A JSON body instead of the form: a 4xx, never a 500.
     answer = await client.post(url, json={"csrftoken": token, "reason": "x"})
     assert 400 <= answer.status_code < 500

@@ -437,7 +437,7 @@ def create_admin_app(settings: Settings) -> Any:
         site_name=SITE_NAME,
         auto_include_related=False,
         sidebar_links={
-            "Support console": "/admin/console/",
+            "Support console": "./console/",
             "Failed jobs": "./#/provisioning_jobs?status=failed",
             "Jobs in flight (queued)": "./#/provisioning_jobs?status=queued",
             "Jobs in flight (provisioning)": "./#/provisioning_jobs?status=provisioning",

@@ -13,7 +13,7 @@ from litestar import Request, Response, Router, get, post
 from litestar.datastructures import Cookie
 from litestar.enums import MediaType, RequestEncodingType
 from litestar.exceptions import HTTPException
-from litestar.params import Body
+from litestar.params import Body, FromPath, FromQuery
 from litestar.plugins.jinja import JinjaTemplateEngine
 from litestar.response import Redirect, Template
 from litestar.status_codes import (
@@ -138,9 +138,11 @@ def _job_id(raw: str) -> UUID:
 
 
 @get("/", name="console:search")
-async def search_page(request: Request[Any, Any, Any], q: str | None = None) -> Any:
+async def search_page(request: Request[Any, Any, Any], q: FromQuery[str | None] = None) -> Any:
     """Find jobs; one found → its page; no query → the jobs needing attention."""
     query = (q or "").strip()
+    if "\x00" in query:
+        raise PageError(status_code=HTTP_400_BAD_REQUEST, detail="A query has no NUL character.")
     if len(query) > QUERY_MAX:
         raise PageError(
             status_code=HTTP_400_BAD_REQUEST,
@@ -217,12 +219,14 @@ _DONE = {"retried": "Retried: the job is queued again.", "failed": "Failed: reco
 
 
 @get("/jobs/{job_id:str}", name="console:job")
-async def job_page(request: Request[Any, Any, Any], job_id: str, done: str | None = None) -> Any:
+async def job_page(
+    request: Request[Any, Any, Any], job_id: FromPath[str], done: FromQuery[str | None] = None
+) -> Any:
     return await _job_page(request, _job_id(job_id), notice=_DONE.get(done or ""))
 
 
 @get("/jobs/{job_id:str}/stream-token", name="console:stream-token")
-async def stream_token(request: Request[Any, Any, Any], job_id: str) -> dict[str, Any]:
+async def stream_token(request: Request[Any, Any, Any], job_id: FromPath[str]) -> dict[str, Any]:
     """A fresh stream token for the job's page to reconnect with (tokens live 60 s)."""
     ident = _job_id(job_id)
     await live.open_job_stream(ident, None)  # NotFoundError (a 404 page) for no such job
@@ -247,6 +251,8 @@ async def _act(
     raw_reason = data.get("reason", "")
     try:
         reason = reason_given(raw_reason)
+        if "\x00" in reason:
+            raise ValueError("A reason has no NUL character.")
         if len(reason) > REASON_MAX:
             raise ValueError(f"A reason is at most {REASON_MAX} characters.")
     except ValueError as exc:
@@ -270,13 +276,13 @@ async def _act(
 
 
 @post("/jobs/{job_id:str}/retry", name="console:retry")
-async def retry(request: Request[Any, Any, Any], job_id: str, data: _Form) -> Any:
+async def retry(request: Request[Any, Any, Any], job_id: FromPath[str], data: _Form) -> Any:
     """Retry a failed job as the logged-in staff user, with their reason."""
     return await _act(request, job_id, data, "retry")
 
 
 @post("/jobs/{job_id:str}/fail", name="console:fail")
-async def fail(request: Request[Any, Any, Any], job_id: str, data: _Form) -> Any:
+async def fail(request: Request[Any, Any, Any], job_id: FromPath[str], data: _Form) -> Any:
     """Fail a job in flight as the logged-in staff user, with their reason."""
     return await _act(request, job_id, data, "fail")
 
