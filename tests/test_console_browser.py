@@ -40,7 +40,7 @@ PHONE = {"width": 390, "height": 844}
 async def seed(db: asyncpg.Connection) -> tuple[str, uuid.UUID, uuid.UUID]:
     """A failed job with a rich story (steps, heartbeats, a dispatch with its tries, its run
     cancelled) and another job in flight: (the failed job's email, its id, the other's id)."""
-    email = f"dana.{uuid.uuid4().hex[:6]}@example.com"
+    email = f"cust.dana.{uuid.uuid4().hex[:6]}@example.com"
     user = await accounts.create_user(email)
     agent = await accounts.create_agent(user.id, "support-bot")
     job = (
@@ -90,7 +90,7 @@ async def seed(db: asyncpg.Connection) -> tuple[str, uuid.UUID, uuid.UUID]:
         job.id,
         dispatch_id,
     )
-    other_user = await accounts.create_user(f"sam.{uuid.uuid4().hex[:6]}@example.com")
+    other_user = await accounts.create_user(f"cust.sam.{uuid.uuid4().hex[:6]}@example.com")
     other_agent = await accounts.create_agent(other_user.id, "research-agent")
     other = (
         await jobs.enqueue_provisioning_job(
@@ -161,6 +161,18 @@ async def test_support_finds_a_job_reads_it_live_and_retries_it(
                 "failed"
             )
             await shoot(page, "search")
+
+            # A prefix both customers' emails share: a list, newest first, saying what matched.
+            await page.fill("input[name=q]", "CUST.")
+            await page.press("input[name=q]", "Enter")
+            rows = page.locator("#found tbody tr")
+            await expect(rows).to_have_count(2)
+            await expect(rows.first).to_have_attribute("data-job-id", str(live_id))
+            await expect(rows.first.locator(".matched")).to_have_text("email prefix")
+            await shoot(page, "search-results")
+            await page.set_viewport_size(PHONE)
+            await shoot(page, "search-results-phone")
+            await page.set_viewport_size(LAPTOP)
 
             # Search by the customer's email (another case): straight to the job's page.
             await page.fill("input[name=q]", email.upper())
