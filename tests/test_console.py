@@ -220,6 +220,10 @@ async def test_every_search_key_finds_its_job(
         answer = await client.get(f"{CONSOLE}/", params={"q": query})
         assert answer.status_code == 303, (name, answer.status_code, answer.text[:300])
         assert location(answer) == f"{CONSOLE}/jobs/{job.id}", name
+    # Two characters are no prefix (an exact email only), and a prefix is of the email.
+    for query in (email[:2], email[1:6]):
+        answer = await client.get(f"{CONSOLE}/", params={"q": query})
+        assert answer.status_code == 200 and 'id="nothing-found"' in answer.text, query
 
 
 async def test_several_jobs_are_listed_newest_first_with_what_matched(

@@ -133,10 +133,10 @@ SEARCH = Statement(
         UNION ALL
         SELECT d.job_id, '{DISPATCH_ID}' FROM dispatches AS d WHERE d.id = CAST(:uuid AS uuid)
         UNION ALL
-        SELECT j.id, CASE WHEN lower(u.email) = :lowered THEN '{EMAIL}' ELSE '{EMAIL_PREFIX}' END
+        SELECT j.id,
+               CASE WHEN lower(u.email) = lower(:text) THEN '{EMAIL}' ELSE '{EMAIL_PREFIX}' END
         FROM users AS u JOIN provisioning_jobs AS j ON j.user_id = u.id
-        WHERE lower(u.email) = :lowered
-           OR (:prefix AND lower(u.email) ~>=~ :lowered AND lower(u.email) ~<~ :above)
+        WHERE lower(u.email) ~>=~ lower(:text) AND lower(u.email) ~<~ (lower(:text) || :above)
         UNION ALL
         SELECT j.id, '{STRIPE_EVENT}' FROM provisioning_jobs AS j
         WHERE j.stripe_event_id = :text
@@ -169,15 +169,14 @@ async def search(query: str) -> list[FoundJob]:
     text = query.strip()
     if not text:
         return []
-    lowered = text.lower()
     rows = await fetch(
         SEARCH,
         uuid=_as_uuid(text),
         text=text,
-        lowered=lowered,
-        prefix=len(lowered) >= PREFIX_MIN,
-        # The byte-wise upper bound of every string starting with `lowered`.
-        above=lowered + "\U0010ffff",
+        # One byte-wise range on the email index (PostgreSQL's lower() on both sides):
+        # every string starting with the query (a prefix), or the query alone (nothing
+        # sorts between it and it + U+0001).
+        above="\U0010ffff" if len(text) >= PREFIX_MIN else "\x01",
         limit=SEARCH_LIMIT,
     )
     return [

@@ -92,7 +92,7 @@
     document.getElementById("progress-attempt").textContent = job.attempt;
     let text = p.completed + " of " + p.total + " steps done";
     if (p.current) text += ", running " + p.current;
-    if (p.eta_seconds !== null && p.eta_seconds !== undefined) text += " · about " + Math.round(p.eta_seconds) + " s left";
+    if (p.eta_seconds !== null && p.eta_seconds !== undefined) text += " · about " + consoleDuration(p.eta_seconds) + " left";
     document.getElementById("progress-summary").textContent = text;
     document.getElementById("progress-bar").style.width = (p.completed / p.total * 100).toFixed(1) + "%";
     const steps = document.getElementById("steps");
