@@ -319,6 +319,8 @@ async def test_a_jobs_page_tells_its_whole_story_in_order(
     answer = await client.get(f"{CONSOLE}/jobs/{job.id}")
     assert answer.status_code == 200
     assert answer.headers["content-type"].startswith("text/html")
+    assert answer.headers["cache-control"] == "no-store"
+    assert "frame-ancestors 'none'" in answer.headers["content-security-policy"]
     page = answer.text
     assert '<span class="status" id="status" data-status="queued">' in page
     assert email in page

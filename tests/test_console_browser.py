@@ -2,7 +2,8 @@
 tests/test_admin_browser.py does) against `jobs-app serve`: log in at /admin/, open the
 console from the admin's sidebar, find a job by its user's email, read its timeline in
 order, watch a transition made through the API appear without a reload, and retry a
-failed job from its page.
+failed job from its page; when the server goes away, a banner says the page is
+reconnecting, and it resumes without missing a transition.
 
 Screenshots (search, a failed job's page, a running job's page, each on a laptop and a
 phone width) are kept in the test's tmp_path, and copied to $CONSOLE_SCREENSHOTS when
@@ -114,6 +115,7 @@ def keep(shots: list[Path]) -> None:
 async def test_support_finds_a_job_reads_it_live_and_retries_it(
     chromium: Path,  # noqa: F811 - the fixture
     server: LoggedServer,
+    database: str,
     db: asyncpg.Connection,
     tmp_path: Path,
 ) -> None:
@@ -125,6 +127,7 @@ async def test_support_finds_a_job_reads_it_live_and_retries_it(
     email, failed_id, live_id = await seed(db)
     base = server.url
     shots: list[Path] = []
+    restarted: list[LoggedServer] = []
 
     async def shoot(page: object, name: str) -> None:
         path = tmp_path / f"console-{name}.png"
@@ -235,7 +238,27 @@ async def test_support_finds_a_job_reads_it_live_and_retries_it(
             await shoot(page, "running-job")
             await page.set_viewport_size(PHONE)
             await shoot(page, "running-job-phone")
+            await page.set_viewport_size(LAPTOP)
+
+            # The server goes away: a banner says the page is reconnecting. A transition
+            # made meanwhile shows once a server is back on the same address (a fresh
+            # stream token from the console, resuming after the last event shown).
+            await page.goto(f"{base}/admin/console/jobs/{failed_id}")
+            await expect(page.locator("body")).to_have_attribute("data-live", "live")
+            server.stop()
+            await expect(page.locator("#banner")).to_be_visible()
+            await expect(page.locator("body")).to_have_attribute("data-live", "reconnecting")
+            await shoot(page, "reconnecting")
+            await jobs.update_job_status(failed_id, status=JobStatus.PROVISIONING, attempt=2)
+            again = LoggedServer(database, 1, port=server.port)
+            restarted.append(again)
+            await again.wait_ready()
+            await expect(page.locator("#status")).to_have_attribute("data-status", "provisioning")
+            await expect(page.locator("#banner")).to_be_hidden()
+            await expect(items.last).to_contain_text("queued → provisioning")
         finally:
             await browser.close()
+            for process in restarted:
+                process.stop()
     keep(shots)
     assert all(shot.stat().st_size > 0 for shot in shots)

@@ -57,6 +57,13 @@ QUERY_MAX = 320
 """The longest query the box takes (an email's limit)."""
 REASON_MAX = 1000
 """The longest reason (as the admin's forms)."""
+PAGE_HEADERS = {
+    # Customer data: never kept by a cache. Never framed (the action forms can't be
+    # clickjacked).
+    "Cache-Control": "no-store",
+    "X-Frame-Options": "DENY",
+    "Content-Security-Policy": "frame-ancestors 'none'",
+}
 
 
 def template_config() -> TemplateConfig[JinjaTemplateEngine]:
@@ -100,6 +107,7 @@ def _error_page(request: Request[Any, Any, Any], exc: Exception) -> Response[Any
         },
         status_code=status,
         media_type=MediaType.HTML,
+        headers=PAGE_HEADERS,
     )
 
 
@@ -124,6 +132,7 @@ def _page(
         status_code=status,
         cookies=cookies,
         media_type=MediaType.HTML,
+        headers=PAGE_HEADERS,
     )
 
 
