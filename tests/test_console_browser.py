@@ -123,7 +123,13 @@ async def test_support_finds_a_job_reads_it_live_and_retries_it(
     from playwright.async_api import async_playwright, expect
 
     username = f"ops-{uuid.uuid4().hex[:8]}"
-    await BaseUser.create_user(username=username, password=PASSWORD, active=True, admin=True)
+    await BaseUser.create_user(
+        username=username,
+        password=PASSWORD,
+        email=f"{username}@support.example.com",
+        active=True,
+        admin=True,
+    )
     email, failed_id, live_id = await seed(db)
     base = server.url
     shots: list[Path] = []
