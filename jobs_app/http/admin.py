@@ -271,8 +271,14 @@ def _reason(raw: str) -> str:
     return reason
 
 
+class OperatorRefused(ValueError):
+    """The state machine refused an operator's action (the console answers 409)."""
+
+
 def _refused(action: str, job_id: UUID, exc: DomainError) -> ValueError:
-    return ValueError(f"{action} refused for job {job_id}: {exc.message}. Nothing was changed.")
+    return OperatorRefused(
+        f"{action} refused for job {job_id}: {exc.message}. Nothing was changed."
+    )
 
 
 def _describe(job: Job) -> str:
@@ -292,17 +298,24 @@ class RetryJobForm(BaseModel):
     )
 
 
-async def retry_job(request: Request, data: RetryJobForm) -> str:
-    actor = _operator(request)
-    job_id = _job_id(data.job_id)
-    reason = _reason(data.reason)
+def reason_given(raw: str) -> str:
+    """The operator's reason, stripped; ValueError when there is none."""
+    return _reason(raw)
+
+
+async def retry_as_operator(
+    actor: str, job_id: UUID, reason: str, *, grant_extra_attempt: bool = False
+) -> str:
+    """Re-queue a failed job as `actor` (`operator:<username>`) with `reason`: what the
+    admin's Retry job form and the console's Retry button both do. The message to show;
+    OperatorRefused (with the message) when refused."""
     try:
         try:
             job = await jobs.retry_job(job_id, actor=actor, reason=reason)
             return f"Job {job.id} re-queued: {_describe(job)}."
         except RetriesExhaustedError as exc:
-            if not data.grant_extra_attempt:
-                raise ValueError(
+            if not grant_extra_attempt:
+                raise OperatorRefused(
                     f"Retry refused for job {job_id}: {exc.message}. Nothing was changed. "
                     "Tick 'grant extra attempt' to allow one more attempt past max_retries."
                 ) from exc
@@ -318,17 +331,10 @@ async def retry_job(request: Request, data: RetryJobForm) -> str:
         raise _refused("Retry", job_id, exc) from exc
 
 
-class FailJobForm(BaseModel):
-    job_id: str = Field(description="The queued or provisioning job's id (a UUID).")
-    reason: str = Field(
-        description="Why: recorded as the job's error and in its history.", max_length=1000
-    )
-
-
-async def fail_job(request: Request, data: FailJobForm) -> str:
-    actor = _operator(request)
-    job_id = _job_id(data.job_id)
-    reason = _reason(data.reason)
+async def fail_as_operator(actor: str, job_id: UUID, reason: str) -> str:
+    """Fail a queued or provisioning job as `actor` with `reason` (failure reason
+    `operator`): the admin's Fail job form and the console's Fail button. The message to
+    show; OperatorRefused when refused."""
     try:
         # Whatever attempt is current; an already failed job is refused, not repeated.
         job = await jobs.update_job_status(
@@ -343,6 +349,26 @@ async def fail_job(request: Request, data: FailJobForm) -> str:
     except DomainError as exc:
         raise _refused("Fail", job_id, exc) from exc
     return f"Job {job.id} failed by {actor}: {_describe(job)}."
+
+
+async def retry_job(request: Request, data: RetryJobForm) -> str:
+    return await retry_as_operator(
+        _operator(request),
+        _job_id(data.job_id),
+        _reason(data.reason),
+        grant_extra_attempt=data.grant_extra_attempt,
+    )
+
+
+class FailJobForm(BaseModel):
+    job_id: str = Field(description="The queued or provisioning job's id (a UUID).")
+    reason: str = Field(
+        description="Why: recorded as the job's error and in its history.", max_length=1000
+    )
+
+
+async def fail_job(request: Request, data: FailJobForm) -> str:
+    return await fail_as_operator(_operator(request), _job_id(data.job_id), _reason(data.reason))
 
 
 class FindJobsForm(BaseModel):
@@ -411,6 +437,7 @@ def create_admin_app(settings: Settings) -> Any:
         site_name=SITE_NAME,
         auto_include_related=False,
         sidebar_links={
+            "Support console": "./console/",
             "Failed jobs": "./#/provisioning_jobs?status=failed",
             "Jobs in flight (queued)": "./#/provisioning_jobs?status=queued",
             "Jobs in flight (provisioning)": "./#/provisioning_jobs?status=provisioning",

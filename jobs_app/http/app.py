@@ -18,6 +18,7 @@ from jobs_app.core.settings import Settings, get_settings
 from jobs_app.db import connector
 from jobs_app.http.admin import admin_route_handlers
 from jobs_app.http.callbacks import CallbackController
+from jobs_app.http.console import console_router, template_config
 from jobs_app.http.errors import EXCEPTION_HANDLERS
 from jobs_app.http.jobs import AgentController, JobController, UserController
 from jobs_app.http.live.hub import LiveHub, end_streams_on_signal
@@ -84,10 +85,12 @@ def create_app(
             stripe_webhook,
             health,
             prometheus_metrics,
+            console_router(),  # before the admin's mount: /admin/console/ is ours
             *admin_route_handlers(settings),
             *STREAM_ROUTES,
         ],
         cors_config=cors_config(settings),
+        template_config=template_config(),
         lifespan=[lifespan],
         exception_handlers=EXCEPTION_HANDLERS,
         middleware=[MetricsMiddleware, *tracing_middleware()],

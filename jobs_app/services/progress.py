@@ -74,12 +74,15 @@ def plan_names() -> list[str]:
     return [step.name for step in plan()]
 
 
-class _Medians(msgspec.Struct):
+class Medians(msgspec.Struct):
+    """The learned medians: per step, and the wait before provisioning (median, samples)."""
+
     by_step: dict[str, tuple[float | None, int]]
     wait: tuple[float | None, int]
 
 
-def _medians(raw: Any) -> _Medians:
+def medians_of(raw: Any) -> Medians:
+    """The medians from MEDIANS' column."""
     by_step: dict[str, tuple[float | None, int]] = {}
     wait: tuple[float | None, int] = (None, 0)
     for step, median, samples in _json(raw) or []:
@@ -87,7 +90,7 @@ def _medians(raw: Any) -> _Medians:
             wait = (median, samples)
         else:
             by_step[step] = (median, samples)
-    return _Medians(by_step, wait)
+    return Medians(by_step, wait)
 
 
 def _json(raw: Any) -> Any:
@@ -121,7 +124,7 @@ def progress(job: Job, reports: Any, medians: Any, now: datetime) -> Progress:
         completed=sum(step.state == StepState.SUCCEEDED for step in steps),
         total=len(steps),
         current=current,
-        eta_seconds=_eta(job, steps, _medians(medians), now),
+        eta_seconds=_eta(job, steps, medians_of(medians), now),
     )
 
 
@@ -129,7 +132,7 @@ def _at(value: str | None) -> datetime | None:
     return None if value is None else datetime.fromisoformat(value)
 
 
-def _eta(job: Job, steps: list[StepProgress], medians: _Medians, now: datetime) -> float | None:
+def _eta(job: Job, steps: list[StepProgress], medians: Medians, now: datetime) -> float | None:
     if job.status not in (JobStatus.QUEUED, JobStatus.PROVISIONING):
         return None
     left = 0.0
