@@ -106,13 +106,18 @@ class Snapshot:
 
 async def snapshot(probe: Probe, system: str) -> Snapshot:
     """The window's ends: taken while the load runs."""
+    checkpoints = (
+        "SELECT num_timed + num_requested FROM pg_stat_checkpointer"  # PostgreSQL 17+
+        if (await probe.fetchrow("SELECT to_regclass('pg_stat_checkpointer') AS v"))["v"]
+        else "SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter"
+    )
     row = await probe.fetchrow(
         f"""
         SELECT extract(epoch FROM statement_timestamp())::float8 AS at,
                pg_current_wal_lsn()::text AS lsn,
                (SELECT coalesce(sum(xact_commit), 0) FROM pg_stat_database
                 WHERE datname IS DISTINCT FROM current_database())::bigint AS other_commits,
-               (SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter) AS checkpoints,
+               ({checkpoints}) AS checkpoints,
                ({FINAL_STATE[system]}) AS done
         """
     )
