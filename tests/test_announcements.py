@@ -28,8 +28,11 @@ from tests.http_helpers import make_job
 from tests.sse_helpers import SSEReader
 from tests.test_dispatch import PUBLIC, ScriptedProvisioner
 
-CATCH_UP_BOUND = 2.0
-"""Seconds within which a committed event nobody announced reaches a stream."""
+CATCH_UP_BOUND = 10.0
+"""Seconds within which a committed event nobody announced reaches a stream: ten catch-up
+intervals (1 s each), so a loaded machine's slow second does not fail the test, and a
+stream that is never caught up (minutes: the next reconnect) still does. The delays seen
+are recorded with the reliability figures (about 0.5 s on a quiet machine)."""
 
 KILLED_WRITER = r"""
 import asyncio, os, signal, sys, uuid
@@ -86,8 +89,8 @@ async def test_a_commit_never_announced_reaches_another_replicas_stream(
             committed = time.time()
             assert out == b"committed\n" and writer.returncode == -9, (out, writer.returncode)
             seen = len(job_stream.events) + 1
-            await job_stream.wait_for(seen, within=CATCH_UP_BOUND + 5)
-            await user_stream.wait_for(seen - 1, within=CATCH_UP_BOUND + 5)
+            await job_stream.wait_for(seen, within=CATCH_UP_BOUND + 20)
+            await user_stream.wait_for(seen - 1, within=CATCH_UP_BOUND + 20)
             delays.append(job_stream.received_at[-1] - committed)
             assert job_stream.events[-1]["data"]["to_status"] == status
             assert user_stream.events[-1]["id"] == job_stream.events[-1]["id"]
@@ -123,7 +126,7 @@ async def test_a_transition_made_by_hand_in_psql_reaches_the_streams(
         _, err = await asyncio.wait_for(psql.communicate(), 60)
         committed = time.time()
         assert psql.returncode == 0, err.decode()
-        await stream.wait_for(2, within=CATCH_UP_BOUND + 5)
+        await stream.wait_for(2, within=CATCH_UP_BOUND + 20)
         delay = stream.received_at[-1] - committed
         assert stream.events[-1]["data"]["actor"] == "operator:dba"
         assert stream.events[-1]["data"]["job"]["status"] == "failed"
