@@ -213,12 +213,11 @@ def _usual(status: JobStatus, medians: Any) -> float | None:
     the sum of the plan's step medians; None with too few samples."""
     learned = progress.medians_of(medians)
     if status == JobStatus.QUEUED:
-        median, samples = learned.wait
-        return median if median is not None and samples >= progress.MIN_SAMPLES else None
+        return learned.queue_wait()
     total = 0.0
     for step in progress.plan():
-        median, samples = learned.by_step.get(step.name, (None, 0))
-        if median is None or samples < progress.MIN_SAMPLES:
+        median = learned.step(step.name)
+        if median is None:
             return None
         total += median
     return total
@@ -494,10 +493,7 @@ async def job_page(job_id: UUID) -> JobPage | None:
     row = await fetchrow(JOB_PAGE, job_id=job_id, plan=progress.plan_names())
     if row is None:
         return None
-    job = job_from_row(row, _PAGE_COLUMNS)
-    job = msgspec.structs.replace(
-        job, progress=progress.progress(job, row["reports"], row["medians"], row["db_now"])
-    )
+    job = progress.with_progress(job_from_row(row, _PAGE_COLUMNS), row)
     events: list[_Event] = _decode(row["events"], _Event)
     dispatches: list[_Dispatch] = _decode(row["dispatches"], _Dispatch)
     cancellations: list[_Cancellation] = _decode(row["cancellations"], _Cancellation)

@@ -178,12 +178,13 @@ async def _run_enqueues(requests: Sequence[_Enqueue]) -> list[Enqueued | BaseExc
     for n, request in enumerate(requests, 1):
         row = rows[n]
         if row["created"]:
-            job = _progressed(job_from_row(row, _ANSWER_COLUMNS), row)
+            job = progress.with_progress(job_from_row(row, _ANSWER_COLUMNS), row)
             committed.append(Committed(row["event_id"], job.id, job.user_id, True))
             metrics.TRANSITIONS.labels(JobStatus.QUEUED).inc()
             answers.append(Enqueued(job=job, created=True))
         elif row["id"] is not None:
-            answers.append(_replay(request, _progressed(job_from_row(row, _ANSWER_COLUMNS), row)))
+            replayed = progress.with_progress(job_from_row(row, _ANSWER_COLUMNS), row)
+            answers.append(_replay(request, replayed))
         elif not row["user_known"]:
             answers.append(errors.NotFoundError("user not found"))
         elif not row["agent_known"]:
@@ -407,7 +408,7 @@ async def _run_transitions(requests: Sequence[_Transition]) -> list[Job | BaseEx
     for n, request in enumerate(requests, 1):
         row = rows.get(n)
         if row is not None and row["moved"]:
-            job = _progressed(job_from_row(row, _MOVED_COLUMNS), row)
+            job = progress.with_progress(job_from_row(row, _MOVED_COLUMNS), row)
             committed.append(Committed(row["event_id"], job.id, job.user_id, False))
             metrics.TRANSITIONS.labels(request.to_status).inc()
             answers.append(job)
@@ -445,7 +446,7 @@ def _explain_unmoved(row: asyncpg.Record | None, request: _Transition) -> Job | 
     """Nothing moved: the idempotent repeat (the job), or the error that says why."""
     if row is None:
         return errors.NotFoundError("job not found", job_id=str(request.job_id))
-    job = _progressed(job_from_row(row, _MOVED_COLUMNS), row)
+    job = progress.with_progress(job_from_row(row, _MOVED_COLUMNS), row)
     refusal = _refusal(job, request.attempt, request.dispatch_id, row["issued"])
     if refusal is not None:
         return refusal
@@ -723,7 +724,7 @@ async def _run_step_reports(requests: Sequence[_StepReport]) -> list[Job | BaseE
         if row is None:
             answers.append(errors.NotFoundError("job not found", job_id=str(request.job_id)))
             continue
-        job = _progressed(job_from_row(row, _STEP_COLUMNS), row)
+        job = progress.with_progress(job_from_row(row, _STEP_COLUMNS), row)
         if row["event_id"] is not None:
             committed.append(Committed(row["event_id"], job.id, job.user_id, False))
             metrics.STEP_REPORTS.labels(request.state).inc()
@@ -816,12 +817,7 @@ async def with_progress(jobs: Sequence[Job]) -> list[Job]:
             JOB_PROGRESS, job_ids=[job.id for job in jobs], plan=progress.plan_names()
         )
     }
-    return [_progressed(job, rows[job.id]) if job.id in rows else job for job in jobs]
-
-
-def _progressed(job: Job, row: asyncpg.Record) -> Job:
-    shown = progress.progress(job, row["reports"], row["medians"], row["db_now"])
-    return msgspec.structs.replace(job, progress=shown)
+    return [progress.with_progress(job, rows[job.id]) if job.id in rows else job for job in jobs]
 
 
 # --------------------------------------------------------------------------- retry
@@ -879,7 +875,7 @@ async def retry_job(
     )
     if row is not None and row["moved"]:
         metrics.TRANSITIONS.labels(JobStatus.QUEUED).inc()
-        job = _progressed(job_from_row(row, _RETRY_COLUMNS), row)
+        job = progress.with_progress(job_from_row(row, _RETRY_COLUMNS), row)
         announce([Committed(row["event_id"], job.id, job.user_id, True)])
         return job
     if row is None:
@@ -984,7 +980,7 @@ async def _get_job_checked(job_id: UUID) -> tuple[Job, bool]:
     row = await fetchrow(GET_JOB_CHECKED, job_id=job_id, plan=progress.plan_names(), **timeouts())
     if row is None:
         raise errors.NotFoundError("job not found", job_id=str(job_id))
-    job = _progressed(job_from_row(row, _CHECKED_COLUMNS), row)
+    job = progress.with_progress(job_from_row(row, _CHECKED_COLUMNS), row)
     if row["timed_out"]:
         _count_stale(job)
         announce([Committed(row["event_id"], job.id, job.user_id, False)])
@@ -1025,9 +1021,11 @@ BY_AGENT = Statement(
     f"""SELECT {JOB_COLUMNS} FROM provisioning_jobs WHERE agent_id = :agent_id
         ORDER BY created_at DESC, id DESC LIMIT 1"""
 )
+HISTORY_COLUMNS = """e.id, e.job_id, e.from_status, e.to_status, e.attempt, e.actor, e.reason,
+    e.created_at, e.kind, e.step, e.step_state, e.detail"""
+"""A `job_events` row aliased `e`, as `history_event` reads it."""
 EVENTS = Statement(
-    """SELECT e.id, j.id, e.from_status, e.to_status, e.attempt, e.actor, e.reason,
-              e.created_at, e.kind, e.step, e.step_state, e.detail
+    f"""SELECT {HISTORY_COLUMNS}
        FROM provisioning_jobs j LEFT JOIN job_events e ON e.job_id = j.id
        WHERE j.id = :job_id ORDER BY e.id"""
 )
@@ -1045,7 +1043,7 @@ async def get_job_by_agent_id(agent_id: UUID) -> Job | None:
 
 
 def history_event(row: asyncpg.Record | tuple[Any, ...]) -> HistoryEvent:
-    """A `job_events` row (EVENTS' first twelve columns) as the event of its kind."""
+    """A `job_events` row (HISTORY_COLUMNS, first) as the event of its kind."""
     event_id, job_id, from_status, to_status, attempt, actor, reason, at = row[:8]
     kind, step, state, detail = row[8:12]
     if kind == EventKind.STEP:

@@ -25,7 +25,7 @@ from jobs_app.db.fragments import job_columns, job_from_row
 from jobs_app.db.statement import Statement, fetch, fetchrow
 from jobs_app.services import progress
 from jobs_app.services.announcements import Committed
-from jobs_app.services.jobs import history_event
+from jobs_app.services.jobs import HISTORY_COLUMNS, history_event
 
 __all__ = [
     "StepMessage",
@@ -39,9 +39,7 @@ __all__ = [
     "user_events_after",
 ]
 
-_E_COLUMNS = """e.id, e.job_id, e.from_status, e.to_status, e.attempt, e.actor, e.reason,
-    e.created_at, e.kind, e.step, e.step_state, e.detail"""
-_MESSAGE_COLUMNS = f"""{_E_COLUMNS}, {progress.step_reports("j")} AS reports,
+_MESSAGE_COLUMNS = f"""{HISTORY_COLUMNS}, {progress.step_reports("j")} AS reports,
     {progress.PROGRESS_COLUMNS}, {job_columns("j")}"""
 _BEFORE_JOB = 15  # the event's twelve columns, reports, db_now, medians
 
@@ -63,10 +61,7 @@ StreamEvent = TransitionMessage | StepMessage
 
 
 def _stream_event(row: asyncpg.Record) -> StreamEvent:
-    job = job_from_row(row, _BEFORE_JOB)
-    job = msgspec.structs.replace(
-        job, progress=progress.progress(job, row["reports"], row["medians"], row["db_now"])
-    )
+    job = progress.with_progress(job_from_row(row, _BEFORE_JOB), row)
     event = history_event(row)
     if isinstance(event, StepEvent):
         return StepMessage(**msgspec.structs.asdict(event), job=job)

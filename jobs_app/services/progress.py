@@ -80,6 +80,19 @@ class Medians(msgspec.Struct):
     by_step: dict[str, tuple[float | None, int]]
     wait: tuple[float | None, int]
 
+    def step(self, name: str) -> float | None:
+        """The step's median, when it has MIN_SAMPLES samples; else None."""
+        return _trusted(self.by_step.get(name, (None, 0)))
+
+    def queue_wait(self) -> float | None:
+        """The median wait before provisioning, when it has MIN_SAMPLES samples."""
+        return _trusted(self.wait)
+
+
+def _trusted(learned: tuple[float | None, int]) -> float | None:
+    median, samples = learned
+    return median if median is not None and samples >= MIN_SAMPLES else None
+
 
 def medians_of(raw: Any) -> Medians:
     """The medians from MEDIANS' column."""
@@ -139,16 +152,23 @@ def _eta(job: Job, steps: list[StepProgress], medians: Medians, now: datetime) -
     for step in steps:
         if step.state == StepState.SUCCEEDED:
             continue
-        median, samples = medians.by_step.get(step.name, (None, 0))
-        if median is None or samples < MIN_SAMPLES:
+        median = medians.step(step.name)
+        if median is None:
             return None
         if step.state == StepState.STARTED and step.started_at is not None:
             left += max(0.0, median - (now - step.started_at).total_seconds())
         else:
             left += median
     if job.status == JobStatus.QUEUED:
-        median, samples = medians.wait
-        if median is None or samples < MIN_SAMPLES:
+        wait = medians.queue_wait()
+        if wait is None:
             return None
-        left += median
+        left += wait
     return round(left, 3)
+
+
+def with_progress(job: Job, row: Any) -> Job:
+    """`job` with its progress, from the columns its statement returned (`reports`,
+    `medians`, `db_now`)."""
+    shown = progress(job, row["reports"], row["medians"], row["db_now"])
+    return msgspec.structs.replace(job, progress=shown)
