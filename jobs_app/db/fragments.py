@@ -42,6 +42,27 @@ def job_from_row(record: asyncpg.Record, offset: int = 0) -> Job:
     return Job(*record[offset : offset + len(JOB_FIELDS)])
 
 
+def job_by_id(key: str, columns: str = JOB_COLUMNS, *, lock: bool = False) -> str:
+    """SQL: a subquery, to join LATERAL, selecting `columns` of the job whose id is the
+    SQL expression `key` (with `lock`, locking the row FOR NO KEY UPDATE).
+
+    A primary-key lookup the planner may not flatten into a join (OFFSET 0). Written as a
+    join (or `id = ANY(ids)`), the generic plan that a pooled connection caches for a
+    prepared statement, made while the table was still small, scans the whole table, and
+    keeps doing so as the table grows, until the next ANALYZE.
+    """
+    locking = "FOR NO KEY UPDATE" if lock else ""
+    return f"(SELECT {columns} FROM provisioning_jobs WHERE id = {key} OFFSET 0 {locking})"
+
+
+def jobs_by_id(ids: str, columns: str = JOB_COLUMNS, *, lock: bool = False) -> str:
+    """SQL selecting `columns` of the jobs whose ids the uuid[] expression `ids` lists,
+    each once, in id order, each a `job_by_id` lookup; with `lock`, each row is locked as
+    it is read, so concurrent batches lock their rows in one order and never deadlock."""
+    return f"""SELECT j.* FROM (SELECT DISTINCT k.id FROM unnest({ids}) AS k(id) ORDER BY k.id) AS k
+        CROSS JOIN LATERAL {job_by_id("k.id", columns, lock=lock)} AS j"""
+
+
 def sql_list(values: Iterable[str]) -> str:
     """A literal IN-list of our own enum values (never input): `'queued', 'provisioning'`."""
     return ", ".join(f"'{value}'" for value in values)
@@ -163,8 +184,10 @@ def running_step(job: str) -> str:
 def dispatch_issued(job: str, dispatch: str = "CAST(:dispatch_id AS uuid)") -> str:
     """Whether the dispatch `dispatch` names was issued for the current attempt of `job`
     (never NULL; false when `dispatch` is NULL)."""
-    return f"""EXISTS (SELECT 1 FROM dispatches AS d WHERE d.id = {dispatch}
-                   AND d.job_id = {job}.id AND d.attempt = {job}.attempt)"""
+    # A scalar subquery on the primary key, not EXISTS: EXISTS is costed for its first
+    # row, which a plan made on a small table finds cheapest with a sequential scan.
+    return f"""COALESCE((SELECT true FROM dispatches AS d WHERE d.id = {dispatch}
+                   AND d.job_id = {job}.id AND d.attempt = {job}.attempt), false)"""
 
 
 def fence_ok(job: str, issued: str, dispatch: str = "CAST(:dispatch_id AS uuid)") -> str:

@@ -38,6 +38,7 @@ from jobs_app.db.fragments import (
     WORKING,
     cancel_runs,
     fail_jobs,
+    job_by_id,
     job_columns,
     job_from_row,
     record_events,
@@ -125,7 +126,7 @@ def _claim_ctes(exclude: str = "") -> str:
         SELECT c.id AS dispatch_id, c.job_id, c.attempt, c.tries, c.created_at, c.reconcile,
                j.agent_id, j.user_id, j.region
         FROM (SELECT * FROM created UNION ALL SELECT * FROM taken) AS c
-        JOIN provisioning_jobs AS j ON j.id = c.job_id
+        CROSS JOIN LATERAL {job_by_id("c.job_id", "agent_id, user_id, region")} AS j
     )"""
 
 

@@ -40,7 +40,6 @@ from jobs_app.core.lifecycle import (
     StepState,
 )
 from jobs_app.core.models import (
-    JOB_FIELDS,
     Enqueued,
     HistoryEvent,
     Job,
@@ -60,6 +59,7 @@ from jobs_app.db.fragments import (
     fence_ok,
     job_columns,
     job_from_row,
+    jobs_by_id,
     record_events,
     running_step,
     set_status_to,
@@ -87,6 +87,8 @@ __all__ = [
 ]
 
 _ACTIVE = sql_list(ACTIVE_STATUSES)
+_LOCKED_COLUMNS = f"{JOB_COLUMNS}, steps"
+"""A job's columns and its step states: what a transition or a step report locks."""
 
 # --------------------------------------------------------------------------- how writes run
 
@@ -123,7 +125,8 @@ ENQUEUE = Statement(
         ) WITH ORDINALITY AS i(agent_id, user_id, stripe_event_id, region, max_retries, actor, n)
     ), owned AS (
         SELECT i.* FROM input AS i
-        JOIN agents AS a ON a.id = i.agent_id AND a.user_id = i.user_id
+        CROSS JOIN LATERAL (SELECT 1 FROM agents AS a
+                            WHERE a.id = i.agent_id AND a.user_id = i.user_id OFFSET 0) AS a
     ), inserted AS (
         INSERT INTO provisioning_jobs (agent_id, user_id, stripe_event_id, region, max_retries)
         SELECT agent_id, user_id, stripe_event_id, region, max_retries FROM owned ORDER BY n
@@ -138,20 +141,16 @@ ENQUEUE = Statement(
            true AS owned, c.steps AS reports, {progress.LEARNED}, {job_columns("c")}
     FROM created AS c JOIN event AS e ON e.job_id = c.id CROSS JOIN learned
     UNION ALL
-    SELECT i.n, false, NULL, true, true, true, x.steps, {progress.LEARNED}, {job_columns("x")}
-    FROM input AS i JOIN provisioning_jobs AS x ON x.stripe_event_id = i.stripe_event_id
+    SELECT i.n, false, NULL,
+           x.id IS NOT NULL OR EXISTS (SELECT 1 FROM users AS u WHERE u.id = i.user_id),
+           x.id IS NOT NULL OR EXISTS (SELECT 1 FROM agents AS a WHERE a.id = i.agent_id),
+           x.id IS NOT NULL OR EXISTS (SELECT 1 FROM owned AS o WHERE o.n = i.n),
+           x.steps, {progress.LEARNED}, {job_columns("x")}
+    FROM input AS i
+    LEFT JOIN LATERAL (SELECT {JOB_COLUMNS}, steps FROM provisioning_jobs
+                       WHERE stripe_event_id = i.stripe_event_id OFFSET 0) AS x ON true
     CROSS JOIN learned
     WHERE NOT EXISTS (SELECT 1 FROM created AS c WHERE c.n = i.n)
-    UNION ALL
-    SELECT i.n, false, NULL,
-           EXISTS (SELECT 1 FROM users AS u WHERE u.id = i.user_id),
-           EXISTS (SELECT 1 FROM agents AS a WHERE a.id = i.agent_id),
-           EXISTS (SELECT 1 FROM owned AS o WHERE o.n = i.n),
-           NULL, NULL, NULL, {", ".join(["NULL"] * len(JOB_FIELDS))}
-    FROM input AS i
-    WHERE NOT EXISTS (SELECT 1 FROM created AS c WHERE c.n = i.n)
-      AND NOT EXISTS (SELECT 1 FROM provisioning_jobs AS x
-                      WHERE x.stripe_event_id = i.stripe_event_id)
     """
 )
 BY_STRIPE_EVENT = Statement(
@@ -296,9 +295,7 @@ TRANSITIONS_BATCH = Statement(
             CAST(:actor AS text[])
         ) WITH ORDINALITY AS i(job_id, to_status, attempt, dispatch_id, workflow_run_id,
                                error, failed_step, failure_reason, actor, n)
-    ), locked AS (
-        SELECT {JOB_COLUMNS}, steps FROM provisioning_jobs
-        WHERE id = ANY(CAST(:job_id AS uuid[])) ORDER BY id FOR NO KEY UPDATE
+    ), locked AS ({jobs_by_id("CAST(:job_id AS uuid[])", _LOCKED_COLUMNS, lock=True)}
     ), checked AS (
         SELECT i.*, p.status AS from_status, p.dispatch_id AS bound_before, f.issued,
                {fence_ok("p", "f.issued", dispatch="i.dispatch_id")} AS fence_ok,
@@ -531,9 +528,7 @@ HEARTBEATS = Statement(
             CAST(:job_id AS uuid[]), CAST(:attempt AS integer[]),
             CAST(:dispatch_id AS uuid[]), CAST(:workflow_run_id AS text[])
         ) WITH ORDINALITY AS i(job_id, attempt, dispatch_id, workflow_run_id, n)
-    ), locked AS (
-        SELECT {JOB_COLUMNS} FROM provisioning_jobs
-        WHERE id = ANY(CAST(:job_id AS uuid[])) ORDER BY id FOR NO KEY UPDATE
+    ), locked AS ({jobs_by_id("CAST(:job_id AS uuid[])", JOB_COLUMNS, lock=True)}
     ), checked AS (
         SELECT i.*, p.status, p.attempt AS current_attempt, f.issued,
                {fence_ok("p", "f.issued", dispatch="i.dispatch_id")} AS fence_ok
@@ -646,9 +641,7 @@ STEP_REPORTS = Statement(
             CAST(:step AS text[]), CAST(:state AS text[]), CAST(:detail AS text[])
         ) WITH ORDINALITY AS i(job_id, attempt, dispatch_id, workflow_run_id, step, state,
                                detail, n)
-    ), locked AS (
-        SELECT {JOB_COLUMNS}, steps FROM provisioning_jobs
-        WHERE id = ANY(CAST(:job_id AS uuid[])) ORDER BY id FOR NO KEY UPDATE
+    ), locked AS ({jobs_by_id("CAST(:job_id AS uuid[])", _LOCKED_COLUMNS, lock=True)}
     ), checked AS (
         SELECT i.*, p.status AS job_status, p.attempt AS current_attempt, f.issued,
                {fence_ok("p", "f.issued", dispatch="i.dispatch_id")} AS fence_ok,
@@ -803,7 +796,7 @@ async def report_step(
 
 JOB_PROGRESS = Statement(
     f"""SELECT j.id, {progress.step_reports("j")} AS reports, {progress.PROGRESS_COLUMNS}
-        FROM provisioning_jobs AS j WHERE j.id = ANY(CAST(:job_ids AS uuid[]))"""
+        FROM ({jobs_by_id("CAST(:job_ids AS uuid[])", "id, steps")}) AS j"""
 )
 
 
