@@ -14,6 +14,7 @@ import os
 import statistics
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -22,7 +23,9 @@ import pytest
 
 from jobs_app.core.settings import get_settings
 from jobs_app.loops.dispatcher import Dispatcher
-from jobs_app.loops.listener import Listener
+from jobs_app.loops.listener import CHANNEL, Listener, Notification
+from jobs_app.services import accounts
+from jobs_app.services import jobs as job_service
 from tests.conftest import API_HEADERS, LoggedServer, record_figure
 from tests.http_helpers import make_job
 from tests.sse_helpers import SSEReader
@@ -178,3 +181,58 @@ async def test_a_job_queued_through_one_replica_wakes_anothers_dispatcher(
     finally:
         await dispatcher.stop()
         await listener.stop()
+
+
+async def _enqueue_one() -> uuid.UUID:
+    user = await accounts.create_user(f"rounds-{uuid.uuid4().hex[:12]}@example.com")
+    agent = await accounts.create_agent(user.id, "a")
+    enqueued = await job_service.enqueue_provisioning_job(
+        agent_id=agent.id, user_id=user.id, stripe_event_id=f"evt_{uuid.uuid4().hex}"
+    )
+    return enqueued.job.id
+
+
+async def test_announcement_rounds_are_spaced_and_a_commit_after_a_quiet_spell_goes_at_once(
+    database: str, db: asyncpg.Connection
+) -> None:
+    """What this process commits is told to the other replicas in rounds: the first
+    commit after a quiet spell at once, and those made while a round's spacing runs
+    together in the next round (one NOTIFY, not one per batch). The spacing is made
+    60 s here, so which commits share a round is forced, not timed; stopping the listener
+    sends what is still pending."""
+    import msgspec
+
+    listener = Listener(database, announce_spacing=60.0)
+    received: list[Notification] = []
+    arrived = asyncio.Event()
+
+    def on_notify(_conn: object, _pid: int, _channel: str, payload: str) -> None:
+        notification = msgspec.json.decode(payload, type=Notification)
+        if notification.origin == listener.origin:
+            received.append(notification)
+            arrived.set()
+
+    other_replica = await asyncpg.connect(database)
+    await other_replica.add_listener(CHANNEL, on_notify)
+    await listener.start()
+    stopped = False
+    try:
+        first = await _enqueue_one()
+        async with asyncio.timeout(10):  # at once: the spacing (60 s) is not waited for
+            await arrived.wait()
+        assert [n.jobs for n in received] == [[first]]
+        later = [await _enqueue_one() for _ in range(3)]
+        arrived.clear()
+        await listener.stop()  # the round cut short is sent now
+        stopped = True
+        async with asyncio.timeout(10):
+            while not any(later[-1] in (n.jobs or []) for n in received):
+                await arrived.wait()
+                arrived.clear()
+        # Notifications arrive in commit order: the one naming the last job is the last.
+        assert len(received) == 2, received
+        assert sorted(received[1].jobs or []) == sorted(later)
+    finally:
+        if not stopped:
+            await listener.stop()
+        await other_replica.close()
