@@ -62,7 +62,10 @@ async def announcement_cost(ctx: Context) -> list[dict[str, Any]]:
                     nonlocal estimate
                     listener = Listener(ctx.url) if announced else None
                     if listener is not None:
+                        # Running, as in a serving process: its start (a connection, LISTEN)
+                        # is not what a transition pays, so it is not in the window.
                         await listener.start()
+                        await asyncio.wait_for(listener.listening.wait(), 30)
                     try:
                         if op.single_use:
                             values = await inputs.single_use(name, budget.supply(estimate))

@@ -39,7 +39,7 @@ class Operation:
 
 def _step(statement: Any, **fixed: Any) -> Callable[[Values], Step]:
     def build(values: Values) -> Step:
-        return statement.sql, statement.args(values | fixed | {"plan": progress.plan_names()})
+        return statement.sql, statement.args(values | fixed | progress.parameters(values | fixed))
 
     return build
 
@@ -50,7 +50,7 @@ def _alone(statement: Any, **fixed: Any) -> Callable[[Values], Step]:
 
     def build(values: Values) -> Step:
         arrays = {k: [v] for k, v in (values | fixed).items()}
-        return statement.sql, statement.args(arrays | {"plan": progress.plan_names()})
+        return statement.sql, statement.args(arrays | progress.parameters(arrays))
 
     return build
 

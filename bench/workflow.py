@@ -58,7 +58,7 @@ async def lifecycle(ctx: Context) -> dict[str, Any]:
         """A batched statement's arguments for one call (arrays of one; the plan of steps
         for those that answer with a job's progress)."""
         arrays = {k: [v] for k, v in values.items()}
-        return statement.args(arrays | {"plan": progress.plan_names()})
+        return statement.args(arrays | progress.parameters(arrays))
 
     moved = {"attempt": 1, "actor": Actor.WORKFLOW, "dispatch_id": None}
     moved |= {"error": None, "failed_step": None, "failure_reason": None}

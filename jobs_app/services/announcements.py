@@ -5,8 +5,9 @@ Every service statement that records `job_events` rows hands back their ids; onc
 statement has committed, the service calls `announce(events)`. In-process sinks (the
 listener, which wakes this process's streams and dispatcher at once) take it from there;
 the listener then tells the other replicas with `notify_others`: one NOTIFY per round
-(rounds at least 20 ms apart), in a transaction of its own that writes nothing and commits asynchronously, so no
-transition's commit takes PostgreSQL's instance-wide NOTIFY lock.
+(rounds at least 20 ms apart), in a transaction of its own that writes nothing and
+commits asynchronously, so no transition's commit takes PostgreSQL's instance-wide
+NOTIFY lock.
 
 A sink is called synchronously and must not block (queue the events, set an event).
 """

@@ -360,7 +360,7 @@ TRANSITIONS_BATCH = Statement(
             "'job failed by ' || m.by_actor",
             f"m.status = '{JobStatus.FAILED}' AND m.by_actor <> '{Actor.WORKFLOW}'",
         )
-    }), {progress.PROGRESS_CTE}
+    }), {progress.PROGRESS_CTE_IF_ETA}
     SELECT m.n, true AS moved, e.event_id, true AS issued, m.steps AS reports, {progress.LEARNED},
            {job_columns("m")}
     FROM moved AS m JOIN event AS e ON e.job_id = m.id CROSS JOIN learned
@@ -399,7 +399,15 @@ async def _run_transitions(requests: Sequence[_Transition]) -> list[Job | BaseEx
         "actor",
     )
     values = _arrays(requests, *fields)
-    rows = _by_n(await fetch(TRANSITIONS_BATCH, plan=progress.plan_names(), **values))
+    rows = _by_n(
+        await fetch(
+            TRANSITIONS_BATCH,
+            plan=progress.plan_names(),
+            # Each answer's job is in its request's status (moved, or a repeat), or an error.
+            eta=progress.eta_wanted(r.to_status for r in requests),
+            **values,
+        )
+    )
     answers: list[Job | BaseException] = []
     committed: list[Committed] = []
     for n, request in enumerate(requests, 1):

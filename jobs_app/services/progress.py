@@ -18,6 +18,7 @@ into the `Progress` every answer carries:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
@@ -31,6 +32,8 @@ SAMPLES = 50
 """The medians are taken over this many latest samples."""
 MIN_SAMPLES = 5
 """Below this many samples, a median is not trusted: no estimate."""
+ESTIMATED = frozenset({JobStatus.QUEUED, JobStatus.PROVISIONING})
+"""The statuses a job has an estimate in; past them, `eta_seconds` is null."""
 
 
 def step_reports(job: str) -> str:
@@ -62,7 +65,25 @@ PROGRESS_COLUMNS = f"now() AS db_now, {MEDIANS} AS medians"
 PROGRESS_CTE = f"learned AS (SELECT {PROGRESS_COLUMNS})"
 """The same, as a CTE for a statement with several branches (computed once): join it as
 `CROSS JOIN learned` and select LEARNED."""
+PROGRESS_CTE_IF_ETA = (
+    f"learned AS (SELECT now() AS db_now, CASE WHEN CAST(:eta AS boolean) THEN {MEDIANS} END"
+    " AS medians)"
+)
+"""PROGRESS_CTE for a statement whose answers may all be past needing an estimate: the
+medians are read only when `:eta` (`eta_wanted`) is true; unread, they cost nothing."""
 LEARNED = "learned.db_now, learned.medians"
+
+
+def eta_wanted(statuses: Iterable[JobStatus | str]) -> bool:
+    """Whether a job in one of these statuses has an estimate (`:eta`)."""
+    return any(status in ESTIMATED for status in statuses)
+
+
+def parameters(values: dict[str, Any]) -> dict[str, Any]:
+    """The progress parameters (`:plan`, `:eta`) of a statement run by hand with these
+    values (one call's: `to_status` a status or a list of them), as the service runs it."""
+    to = values.get("to_status", JobStatus.QUEUED)
+    return {"plan": plan_names(), "eta": eta_wanted(to if isinstance(to, list) else [to])}
 
 
 def plan() -> tuple[ProvisionStep, ...]:
@@ -146,7 +167,7 @@ def _at(value: str | None) -> datetime | None:
 
 
 def _eta(job: Job, steps: list[StepProgress], medians: Medians, now: datetime) -> float | None:
-    if job.status not in (JobStatus.QUEUED, JobStatus.PROVISIONING):
+    if job.status not in ESTIMATED:
         return None
     left = 0.0
     for step in steps:
