@@ -21,6 +21,7 @@ from litestar import Litestar, get, post
 from litestar.exceptions import NotFoundException
 
 from jobs_app.core.settings import load_settings
+from jobs_app.db import connector
 from jobs_app.services import jobs
 
 _settings = load_settings()
@@ -45,6 +46,7 @@ async def _lifespan(_: Litestar) -> AsyncIterator[None]:
         min_size=_settings.pool_min_size,
         max_size=_settings.pool_max_size,
         reset=_no_reset,
+        server_settings=connector.PLANNING,
     )
     try:
         yield

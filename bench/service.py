@@ -25,14 +25,15 @@ async def _noop_reset(conn: asyncpg.Connection) -> None:
 
 
 async def raw_pool(url: str, **options: Any) -> asyncpg.Pool:
-    """A plain asyncpg pool the size of the service's, minus its reset round trip
-    (the service skips it too), so the raw side is the best case."""
+    """A plain asyncpg pool with the service's size and session settings, minus its reset
+    round trip (the service skips it too), so the raw side is the best case."""
     settings = get_settings()
     pool = await asyncpg.create_pool(
         url,
         min_size=settings.pool_min_size,
         max_size=settings.pool_max_size,
         reset=_noop_reset,
+        server_settings=connector.PLANNING,
         **options,
     )
     assert pool is not None
