@@ -37,6 +37,7 @@ SECTIONS = (
     "live",
     "dispatch",
     "peers",
+    "lone",
 )
 DEFAULT_JSON = Path(__file__).resolve().parent / "results.json"
 
@@ -46,7 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m bench",
         description="Benchmarks: the service layer against raw asyncpg, round trips, full "
         "lifecycles against the commit limit, HTTP against a bare Litestar app, scale, live "
-        "updates, dispatch, and the full lifecycle beside pgqueuer and procrastinate.",
+        "updates, dispatch, the full lifecycle beside pgqueuer and procrastinate, and a lone "
+        "caller's latency.",
     )
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
     parser.add_argument(
@@ -66,6 +68,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--peers-warmup",
         type=float,
         help="peers: seconds of load before the measured window (default 1; quick 0.3)",
+    )
+    parser.add_argument(
+        "--lone-baseline",
+        type=lambda path: str(Path(path).resolve()),
+        help="lone: another checkout's directory, measured beside this one (optional)",
     )
     parser.add_argument("--concurrency", type=int, default=16, help="concurrent tasks (16)")
     parser.add_argument(
@@ -191,6 +198,10 @@ async def _section(name: str, ctx: Context, args: argparse.Namespace) -> dict[st
         from bench.peers import peers
 
         return await peers(ctx, args.peers_duration, args.peers_warmup)
+    if name == "lone":
+        from bench.lone import lone
+
+        return await lone(ctx, args.lone_baseline)
     raise ValueError(name)
 
 

@@ -289,6 +289,27 @@ def _peers(title: str, s: dict[str, Any]) -> list[str]:
     return out
 
 
+def _lone(title: str, s: dict[str, Any]) -> list[str]:
+    head = (
+        f"{title} ({s['calls_per_run']} jobs per run, {s['rounds']} rounds, a fresh process"
+        " and database per side; medians; shipped/it = median of per-round ratios of the"
+        f" transition p50, target <= {s['target']} over the baseline)"
+    )
+    rows = [
+        [
+            r["side"],
+            _fmt(r["enqueue_p50_ms"], ".3f"),
+            _fmt(r["provisioning_p50_ms"], ".3f"),
+            _fmt(r["running_p50_ms"], ".3f"),
+            _fmt(r["transition_p50_ms"], ".3f"),
+            _fmt(r.get("shipped_over_it"), ".2f"),
+        ]
+        for r in s["rows"]
+    ]
+    headers = ["side", "enqueue ms", "provisioning ms", "running ms", "transition ms"]
+    return [head, *_table([*headers, "shipped/it"], rows)]
+
+
 _SECTIONS = [
     ("service", "1. Service layer vs raw asyncpg", _service),
     ("round_trips", "2. Round trips", _round_trips),
@@ -298,4 +319,5 @@ _SECTIONS = [
     ("live", "6. Live updates", _live),
     ("dispatch", "7. Dispatch", _dispatch),
     ("peers", "8. Peers: the full lifecycle beside pgqueuer and procrastinate", _peers),
+    ("lone", "9. A lone caller: p50 latency, concurrency 1", _lone),
 ]

@@ -1,0 +1,216 @@
+"""Section 9: a lone caller (concurrency 1), the p50 latency of a transition.
+
+One task enqueues a job, moves it to provisioning, then to running, and again, each call
+made alone: nothing else is in the process's batches, so every call is a batch of one,
+its own statement and commit. The process runs what a `jobs-app serve` worker runs
+beside its requests (the listener announcing commits, the sweeper). Each round runs
+every side once, in turn, each in a fresh process against its own database, migrated
+as production is; the first tenth of each run's calls are left out (connections warm).
+
+The sides:
+  * shipped: the service as it is;
+  * custom plans: the same, its pool's sessions left to PostgreSQL's default
+    `plan_cache_mode` (auto), which planned the batch statements anew on every call;
+  * baseline (`--lone-baseline DIR`, optional): another checkout's `jobs_app` (say a
+    `git worktree` of an older commit), its own migrations and settings, driven by the
+    same loop through the two calls every version has.
+
+    python -m bench --only lone --lone-baseline /tmp/before-group-commit
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from statistics import median
+from typing import Any
+
+from bench import dbs, seed
+from bench.context import Context
+from bench.measure import interleave, paired_ratio
+
+REPO = Path(__file__).resolve().parent.parent
+TARGET = 1.1
+"""A transition's p50 over the baseline's, at most (the write-path issue's target)."""
+CALLS = 600
+"""Jobs per run (three calls each); --quick: 60."""
+
+
+async def lone(ctx: Context, baseline: str | None) -> dict[str, Any]:
+    sides: dict[str, Path] = {"shipped": REPO, "custom plans": REPO}
+    if baseline:
+        sides["baseline"] = Path(baseline)  # resolved by the command line
+    calls = 60 if ctx.quick else CALLS
+    suffix = uuid.uuid4().hex[:8]
+    urls: dict[str, str] = {}
+    rounds_done = 0
+    try:
+        for name, repo in sides.items():
+            db = f"jobs_app_bench_lone_{len(urls)}_{suffix}"
+            urls[name] = await dbs.create(ctx.server_url, db)
+            await _migrate(repo, urls[name])
+
+        def side(name: str) -> Any:
+            async def run() -> dict[str, float]:
+                nonlocal rounds_done
+                rounds_done += 1
+                result = await _worker(sides[name], urls[name], name, rounds_done, calls)
+                print(
+                    f"  {name:<13} p50 ms: enqueue {result['enqueue']:.3f}"
+                    f"  provisioning {result['provisioning']:.3f}"
+                    f"  running {result['running']:.3f}",
+                    flush=True,
+                )
+                return result
+
+            return run
+
+        samples = await interleave([(name, side(name)) for name in sides], ctx.budget.rounds)
+    finally:
+        for url in urls.values():
+            await dbs.drop(ctx.server_url, dbs.name_of(url))
+    rows = []
+    shipped = samples["shipped"]
+    for name in sides:
+        runs = samples[name]
+        row: dict[str, Any] = {"side": name}
+        for op in ("enqueue", "provisioning", "running", "transition"):
+            row[f"{op}_p50_ms"] = median(r[op] for r in runs)
+        if name != "shipped":
+            # The shipped side's latency over this side's, paired by round.
+            row["shipped_over_it"] = paired_ratio(
+                [r["transition"] for r in shipped], [r["transition"] for r in runs]
+            )
+        rows.append(row)
+    return {
+        "calls_per_run": calls,
+        "rounds": ctx.budget.rounds,
+        "target": TARGET,
+        "baseline": baseline,
+        "rows": rows,
+    }
+
+
+async def _migrate(repo: Path, url: str) -> None:
+    env = os.environ | {"DATABASE_URL": url}
+    piccolo = Path(sys.executable).with_name("piccolo")
+    await asyncio.to_thread(
+        subprocess.run,
+        [str(piccolo), "migrations", "forwards", "all"],
+        cwd=repo,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+
+
+async def _worker(repo: Path, url: str, side: str, serial: int, calls: int) -> dict[str, float]:
+    env = os.environ | {"DATABASE_URL": url}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bench.lone",
+        "--repo",
+        str(repo),
+        "--url",
+        url,
+        "--side",
+        side,
+        "--tag",
+        f"lone{serial}",
+        "--calls",
+        str(calls),
+        cwd=REPO,
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 300)
+    lines = out.decode().strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"lone {side} exited {proc.returncode}: {err.decode()[-1500:]}")
+    result: dict[str, float] = json.loads(lines[-1])
+    return result
+
+
+# --------------------------------------------------------------------------- the worker
+
+
+async def _run(args: Any) -> dict[str, float]:
+    """In the worker process: `args.repo`'s jobs_app, driven one call at a time."""
+    import asyncpg
+
+    sys.path.insert(0, args.repo)  # that checkout's jobs_app, not this one's
+    from jobs_app.core.settings import get_settings
+    from jobs_app.db import connector
+    from jobs_app.loops.background import BackgroundLoops
+    from jobs_app.services import jobs
+
+    conn = await asyncpg.connect(args.url)
+    try:
+        await seed.users(conn, args.tag, 1, args.calls)
+    finally:
+        await conn.close()
+    if args.side == "custom plans":
+        await connector.start_pool(
+            server_settings={
+                "application_name": "jobs_app",
+                connector.SERVICE_WRITER_SETTING: "service",
+                "plan_cache_mode": "auto",
+            }
+        )
+    else:
+        await connector.start_pool()
+    loops = BackgroundLoops(get_settings(), dispatch=False)
+    await loops.start()
+    times: dict[str, list[float]] = {"enqueue": [], "provisioning": [], "running": []}
+    try:
+        for n in range(1, args.calls + 1):
+            started = time.perf_counter()
+            enqueued = await jobs.enqueue_provisioning_job(
+                user_id=seed.user_id(args.tag, n),
+                agent_id=seed.agent_id(args.tag, n),
+                stripe_event_id=seed.stripe_event_id(args.tag, n),
+            )
+            queued = time.perf_counter()
+            await jobs.update_job_status(enqueued.job.id, status="provisioning", attempt=1)
+            claimed = time.perf_counter()
+            await jobs.update_job_status(enqueued.job.id, status="running", attempt=1)
+            done = time.perf_counter()
+            times["enqueue"].append(queued - started)
+            times["provisioning"].append(claimed - queued)
+            times["running"].append(done - claimed)
+    finally:
+        await loops.stop()
+        await connector.close_pool()
+    warm = args.calls // 10
+    result = {op: median(values[warm:]) * 1000 for op, values in times.items()}
+    both = times["provisioning"][warm:] + times["running"][warm:]
+    result["transition"] = median(both) * 1000
+    return result
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m bench.lone")
+    parser.add_argument("--repo", required=True)
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--side", required=True)
+    parser.add_argument("--tag", required=True)
+    parser.add_argument("--calls", type=int, required=True)
+    args = parser.parse_args()
+    from bench.loader import run_loop
+
+    print(json.dumps(run_loop(_run(args))))
+
+
+if __name__ == "__main__":
+    main()
