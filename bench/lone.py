@@ -3,9 +3,11 @@
 One task enqueues a job, moves it to provisioning, then to running, and again, each call
 made alone: nothing else is in the process's batches, so every call is a batch of one,
 its own statement and commit. The process runs what a `jobs-app serve` worker runs
-beside its requests (the listener announcing commits, the sweeper). Each round runs
-every side once, in turn, each in a fresh process against its own database, migrated
-as production is; the first tenth of each run's calls are left out (connections warm).
+beside its requests (the listener announcing commits, the sweeper). Each round starts
+every side in a fresh process against its own database (migrated as production is),
+and the sides then take turns job by job (the order alternating), so that each job of
+one side is timed right beside one of the other's, under the same load from whatever
+else the machine runs; the first tenth of each run's jobs are left out (warm-up).
 
 The sides:
   * shipped: the service as it is;
@@ -33,7 +35,7 @@ from typing import Any
 
 from bench import dbs, seed
 from bench.context import Context
-from bench.measure import interleave, paired_ratio
+from bench.measure import paired_ratio
 
 REPO = Path(__file__).resolve().parent.parent
 TARGET = 1.1
@@ -49,29 +51,22 @@ async def lone(ctx: Context, baseline: str | None) -> dict[str, Any]:
     calls = 60 if ctx.quick else CALLS
     suffix = uuid.uuid4().hex[:8]
     urls: dict[str, str] = {}
-    rounds_done = 0
+    samples: dict[str, list[dict[str, float]]] = {name: [] for name in sides}
     try:
         for name, repo in sides.items():
             db = f"jobs_app_bench_lone_{len(urls)}_{suffix}"
             urls[name] = await dbs.create(ctx.server_url, db)
             await _migrate(repo, urls[name])
-
-        def side(name: str) -> Any:
-            async def run() -> dict[str, float]:
-                nonlocal rounds_done
-                rounds_done += 1
-                result = await _worker(sides[name], urls[name], name, rounds_done, calls)
+        for r in range(ctx.budget.rounds):
+            results = await _round(sides, urls, f"lone{r}", calls)
+            for name, result in results.items():
+                samples[name].append(result)
                 print(
                     f"  {name:<13} p50 ms: enqueue {result['enqueue']:.3f}"
                     f"  provisioning {result['provisioning']:.3f}"
                     f"  running {result['running']:.3f}",
                     flush=True,
                 )
-                return result
-
-            return run
-
-        samples = await interleave([(name, side(name)) for name in sides], ctx.budget.rounds)
     finally:
         for url in urls.values():
             await dbs.drop(ctx.server_url, dbs.name_of(url))
@@ -94,6 +89,7 @@ async def lone(ctx: Context, baseline: str | None) -> dict[str, Any]:
         "target": TARGET,
         "baseline": baseline,
         "rows": rows,
+        "samples": samples,
     }
 
 
@@ -110,9 +106,41 @@ async def _migrate(repo: Path, url: str) -> None:
     )
 
 
-async def _worker(repo: Path, url: str, side: str, serial: int, calls: int) -> dict[str, float]:
+async def _round(
+    sides: dict[str, Path], urls: dict[str, str], tag: str, calls: int
+) -> dict[str, dict[str, float]]:
+    """One worker per side, started together, then one job at a time, side after side."""
+    workers = {
+        name: await _start(repo, urls[name], name, tag, calls) for name, repo in sides.items()
+    }
+    try:
+        for worker in workers.values():
+            await _expect(worker, "ready")
+        order = list(workers.values())
+        for n in range(calls):
+            for worker in order if n % 2 == 0 else reversed(order):
+                assert worker.stdin is not None
+                worker.stdin.write(b"go\n")
+                await _expect(worker, "done")
+        results = {}
+        for name, worker in workers.items():
+            assert worker.stdin is not None
+            worker.stdin.close()
+            results[name] = json.loads(await _expect(worker, "{"))
+            await worker.wait()
+        return results
+    finally:
+        for worker in workers.values():
+            if worker.returncode is None:
+                worker.kill()
+                await worker.wait()
+
+
+async def _start(
+    repo: Path, url: str, side: str, tag: str, calls: int
+) -> asyncio.subprocess.Process:
     env = os.environ | {"DATABASE_URL": url}
-    proc = await asyncio.create_subprocess_exec(
+    return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "bench.lone",
@@ -123,21 +151,24 @@ async def _worker(repo: Path, url: str, side: str, serial: int, calls: int) -> d
         "--side",
         side,
         "--tag",
-        f"lone{serial}",
+        tag,
         "--calls",
         str(calls),
         cwd=REPO,
         env=env,
-        stdin=asyncio.subprocess.DEVNULL,
+        stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
     )
-    out, err = await asyncio.wait_for(proc.communicate(), 300)
-    lines = out.decode().strip().splitlines()
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"lone {side} exited {proc.returncode}: {err.decode()[-1500:]}")
-    result: dict[str, float] = json.loads(lines[-1])
-    return result
+
+
+async def _expect(worker: asyncio.subprocess.Process, start: str) -> str:
+    """The worker's next line, which must begin with `start`."""
+    assert worker.stdout is not None
+    line = (await asyncio.wait_for(worker.stdout.readline(), 120)).decode().strip()
+    if not line.startswith(start):
+        raise RuntimeError(f"lone worker said {line!r}, not {start!r} (exit {worker.returncode})")
+    return line
 
 
 # --------------------------------------------------------------------------- the worker
@@ -171,8 +202,14 @@ async def _run(args: Any) -> dict[str, float]:
     loops = BackgroundLoops(get_settings(), dispatch=False)
     await loops.start()
     times: dict[str, list[float]] = {"enqueue": [], "provisioning": [], "running": []}
+    turns = asyncio.StreamReader()
+    loop = asyncio.get_running_loop()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(turns), sys.stdin)
+    print("ready", flush=True)
     try:
         for n in range(1, args.calls + 1):
+            if not await turns.readline():  # the bench's turn to this side, or its end
+                break
             started = time.perf_counter()
             enqueued = await jobs.enqueue_provisioning_job(
                 user_id=seed.user_id(args.tag, n),
@@ -187,6 +224,8 @@ async def _run(args: Any) -> dict[str, float]:
             times["enqueue"].append(queued - started)
             times["provisioning"].append(claimed - queued)
             times["running"].append(done - claimed)
+            print("done", flush=True)
+        await turns.read()  # the end of the round
     finally:
         await loops.stop()
         await connector.close_pool()
@@ -209,7 +248,7 @@ def main() -> None:
     args = parser.parse_args()
     from bench.loader import run_loop
 
-    print(json.dumps(run_loop(_run(args))))
+    print(json.dumps(run_loop(_run(args))), flush=True)
 
 
 if __name__ == "__main__":
