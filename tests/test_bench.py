@@ -22,7 +22,17 @@ from jobs_app.core.lifecycle import TRANSITIONS, Actor, JobStatus
 from jobs_app.services import dispatches, jobs
 
 REPO = Path(__file__).resolve().parent.parent
-SECTIONS = {"service", "round_trips", "lifecycle", "http", "scale", "live", "dispatch", "peers"}
+SECTIONS = {
+    "service",
+    "round_trips",
+    "lifecycle",
+    "http",
+    "scale",
+    "live",
+    "dispatch",
+    "peers",
+    "lone",
+}
 ONE_ROUND_TRIP = {"enqueue", "claim", "heartbeat", "complete", "fail", "retry"}
 
 
@@ -30,7 +40,8 @@ def test_quick_bench_runs_every_section(tmp_path: Path) -> None:
     out = tmp_path / "results.json"
     # DATABASE_URL (set by conftest) names the server; the bench makes its own database.
     run = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--json", str(out)],
+        # The lone caller's optional baseline: this checkout again, loaded as another one.
+        [sys.executable, "-m", "bench", "--quick", "--json", str(out), "--lone-baseline", "."],
         cwd=REPO,
         env=os.environ.copy(),
         capture_output=True,
@@ -70,6 +81,12 @@ def test_quick_bench_runs_every_section(tmp_path: Path) -> None:
     assert all(r["announced_ops_s"] > 0 and r["silent_ops_s"] > 0 for r in announced)
     assert live["streams"]["streams"] == 50 and live["streams"]["others_complete"]
     assert live["streams"]["delivery_p99_ms"] > 0
+
+    lone = {row["side"]: row for row in sections["lone"]["rows"]}
+    assert set(lone) == {"shipped", "custom plans", "baseline"}
+    for row in lone.values():
+        assert all(row[f"{op}_p50_ms"] > 0 for op in ("enqueue", "provisioning", "running"))
+    assert lone["baseline"]["shipped_over_it"] > 0
 
     # The peers that are installed (the `bench` extra, which `dev` includes) were measured,
     # and every figure came out of the database or the wire; none failed.
