@@ -13,6 +13,8 @@ The sides:
   * shipped: the service as it is;
   * custom plans: the same, its pool's sessions left to PostgreSQL's default
     `plan_cache_mode` (auto), which planned the batch statements anew on every call;
+  * no live loops: the same without the listener and sweeper (what announcing each commit
+    to the other replicas costs a lone caller);
   * baseline (`--lone-baseline DIR`, optional): another checkout's `jobs_app` (say a
     `git worktree` of an older commit), its own migrations and settings, driven by the
     same loop through the two calls every version has.
@@ -45,7 +47,7 @@ CALLS = 600
 
 
 async def lone(ctx: Context, baseline: str | None) -> dict[str, Any]:
-    sides: dict[str, Path] = {"shipped": REPO, "custom plans": REPO}
+    sides: dict[str, Path] = {"shipped": REPO, "custom plans": REPO, "no live loops": REPO}
     if baseline:
         sides["baseline"] = Path(baseline)  # resolved by the command line
     calls = 60 if ctx.quick else CALLS
@@ -200,7 +202,8 @@ async def _run(args: Any) -> dict[str, float]:
     else:
         await connector.start_pool()
     loops = BackgroundLoops(get_settings(), dispatch=False)
-    await loops.start()
+    if args.side != "no live loops":
+        await loops.start()
     times: dict[str, list[float]] = {"enqueue": [], "provisioning": [], "running": []}
     turns = asyncio.StreamReader()
     loop = asyncio.get_running_loop()
@@ -227,7 +230,8 @@ async def _run(args: Any) -> dict[str, float]:
             print("done", flush=True)
         await turns.read()  # the end of the round
     finally:
-        await loops.stop()
+        if args.side != "no live loops":
+            await loops.stop()
         await connector.close_pool()
     warm = args.calls // 10
     result = {op: median(values[warm:]) * 1000 for op, values in times.items()}

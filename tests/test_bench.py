@@ -83,7 +83,7 @@ def test_quick_bench_runs_every_section(tmp_path: Path) -> None:
     assert live["streams"]["delivery_p99_ms"] > 0
 
     lone = {row["side"]: row for row in sections["lone"]["rows"]}
-    assert set(lone) == {"shipped", "custom plans", "baseline"}
+    assert set(lone) == {"shipped", "custom plans", "no live loops", "baseline"}
     for row in lone.values():
         assert all(row[f"{op}_p50_ms"] > 0 for op in ("enqueue", "provisioning", "running"))
     assert lone["baseline"]["shipped_over_it"] > 0
