@@ -193,11 +193,7 @@ async def _run(args: Any) -> dict[str, float]:
         await conn.close()
     if args.side == "custom plans":
         await connector.start_pool(
-            server_settings={
-                "application_name": "jobs_app",
-                connector.SERVICE_WRITER_SETTING: "service",
-                "plan_cache_mode": "auto",
-            }
+            server_settings=connector.SESSION_SETTINGS | {"plan_cache_mode": "auto"}
         )
     else:
         await connector.start_pool()

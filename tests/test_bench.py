@@ -18,21 +18,12 @@ from typing import Any
 import asyncpg
 
 from bench import seed
+from bench.main import SECTIONS as BENCH_SECTIONS
 from jobs_app.core.lifecycle import TRANSITIONS, Actor, JobStatus
 from jobs_app.services import dispatches, jobs
 
 REPO = Path(__file__).resolve().parent.parent
-SECTIONS = {
-    "service",
-    "round_trips",
-    "lifecycle",
-    "http",
-    "scale",
-    "live",
-    "dispatch",
-    "peers",
-    "lone",
-}
+SECTIONS = set(BENCH_SECTIONS)  # every section the bench has
 ONE_ROUND_TRIP = {"enqueue", "claim", "heartbeat", "complete", "fail", "retry"}
 
 

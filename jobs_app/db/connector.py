@@ -139,6 +139,16 @@ one a hundred, so the generic plan never looked cheaper; ~2 ms of planning for a
 transition that runs in ~1 ms."""
 
 
+SESSION_SETTINGS = {
+    "application_name": "jobs_app",
+    **PLANNING,
+    # The service layer announces what it commits itself, after the commit (see
+    # services/announcements.py): the job_events trigger stays silent for it.
+    SERVICE_WRITER_SETTING: "service",
+}
+"""Every pooled session's settings."""
+
+
 async def _keep_session(conn: asyncpg.Connection) -> None:
     """Pool reset hook: asyncpg still rolls back an open transaction first.
 
@@ -164,13 +174,7 @@ async def start_pool(settings: Settings | None = None, **pool_options: Any) -> N
         "command_timeout": settings.db_timeout_seconds,
         "timeout": settings.db_timeout_seconds,
         "reset": _keep_session,
-        "server_settings": {
-            "application_name": "jobs_app",
-            **PLANNING,
-            # The service layer announces what it commits itself, after the commit (see
-            # services/announcements.py): the job_events trigger stays silent for it.
-            SERVICE_WRITER_SETTING: "service",
-        },
+        "server_settings": dict(SESSION_SETTINGS),
     }
     await engine.start_connection_pool(**(options | pool_options))
 
