@@ -15,6 +15,8 @@ The sides:
     `plan_cache_mode` (auto), which planned the batch statements anew on every call;
   * no live loops: the same without the listener and sweeper (what announcing each commit
     to the other replicas costs a lone caller);
+  * medians per call: the same with `JOBS_ETA_REFRESH_SECONDS=0`, every answer reading the
+    ETA's medians instead of the process's copy (what that copy saves);
   * baseline (`--lone-baseline DIR`, optional): another checkout's `jobs_app` (say a
     `git worktree` of an older commit), its own migrations and settings, driven by the
     same loop through the two calls every version has.
@@ -37,17 +39,24 @@ from typing import Any
 
 from bench import dbs, seed
 from bench.context import Context
-from bench.measure import paired_ratio
+from bench.measure import backend_cpu, cpu_since, paired_ratio
 
 REPO = Path(__file__).resolve().parent.parent
 TARGET = 1.1
 """A transition's p50 over the baseline's, at most (the write-path issue's target)."""
 CALLS = 600
 """Jobs per run (three calls each); --quick: 60."""
+SIDE_ENV: dict[str, dict[str, str]] = {
+    "custom plans": {},
+    "no live loops": {},
+    "medians per call": {"JOBS_ETA_REFRESH_SECONDS": "0"},
+}
+"""The variants of the shipped service, and the environment each runs with beyond the
+database's (the first two differ in what the worker does: see `_run`)."""
 
 
 async def lone(ctx: Context, baseline: str | None) -> dict[str, Any]:
-    sides: dict[str, Path] = {"shipped": REPO, "custom plans": REPO, "no live loops": REPO}
+    sides: dict[str, Path] = {name: REPO for name in ("shipped", *SIDE_ENV)}
     if baseline:
         sides["baseline"] = Path(baseline)  # resolved by the command line
     calls = 60 if ctx.quick else CALLS
@@ -64,9 +73,11 @@ async def lone(ctx: Context, baseline: str | None) -> dict[str, Any]:
             for name, result in results.items():
                 samples[name].append(result)
                 print(
-                    f"  {name:<13} p50 ms: enqueue {result['enqueue']:.3f}"
+                    f"  {name:<16} p50 ms: enqueue {result['enqueue']:.3f}"
                     f"  provisioning {result['provisioning']:.3f}"
-                    f"  running {result['running']:.3f}",
+                    f"  running {result['running']:.3f}"
+                    f"  CPU per job: client {result['cpu']:.3f}"
+                    f" server {result['server_cpu']:.3f}",
                     flush=True,
                 )
     finally:
@@ -79,6 +90,8 @@ async def lone(ctx: Context, baseline: str | None) -> dict[str, Any]:
         row: dict[str, Any] = {"side": name}
         for op in ("enqueue", "provisioning", "running", "transition"):
             row[f"{op}_p50_ms"] = median(r[op] for r in runs)
+        row["client_cpu_ms_per_job"] = median(r["cpu"] for r in runs)
+        row["server_cpu_ms_per_job"] = median(r["server_cpu"] for r in runs)
         if name != "shipped":
             # The shipped side's latency over this side's, paired by round.
             row["shipped_over_it"] = paired_ratio(
@@ -141,7 +154,7 @@ async def _round(
 async def _start(
     repo: Path, url: str, side: str, tag: str, calls: int
 ) -> asyncio.subprocess.Process:
-    env = os.environ | {"DATABASE_URL": url}
+    env = os.environ | {"DATABASE_URL": url} | SIDE_ENV.get(side, {})
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -205,11 +218,15 @@ async def _run(args: Any) -> dict[str, float]:
     loop = asyncio.get_running_loop()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(turns), sys.stdin)
     print("ready", flush=True)
+    cpu = 0.0
+    server_before: dict[int, float] = {}
     try:
         for n in range(1, args.calls + 1):
             if not await turns.readline():  # the bench's turn to this side, or its end
                 break
-            started = time.perf_counter()
+            if n == args.calls // 10 + 1:
+                server_before = await backend_cpu(args.url)
+            started, cpu_started = time.perf_counter(), time.process_time()
             enqueued = await jobs.enqueue_provisioning_job(
                 user_id=seed.user_id(args.tag, n),
                 agent_id=seed.agent_id(args.tag, n),
@@ -220,10 +237,13 @@ async def _run(args: Any) -> dict[str, float]:
             claimed = time.perf_counter()
             await jobs.update_job_status(enqueued.job.id, status="running", attempt=1)
             done = time.perf_counter()
+            if n > args.calls // 10:
+                cpu += time.process_time() - cpu_started
             times["enqueue"].append(queued - started)
             times["provisioning"].append(claimed - queued)
             times["running"].append(done - claimed)
             print("done", flush=True)
+        server = cpu_since(server_before, await backend_cpu(args.url))
         await turns.read()  # the end of the round
     finally:
         if args.side != "no live loops":
@@ -233,6 +253,8 @@ async def _run(args: Any) -> dict[str, float]:
     result = {op: median(values[warm:]) * 1000 for op, values in times.items()}
     both = times["provisioning"][warm:] + times["running"][warm:]
     result["transition"] = median(both) * 1000
+    result["cpu"] = cpu * 1000 / (args.calls - warm)
+    result["server_cpu"] = server * 1000 / (args.calls - warm)
     return result
 
 

@@ -128,3 +128,37 @@ def rounded(value: Any, digits: int = 3) -> Any:
     if isinstance(value, list | tuple):
         return [rounded(v, digits) for v in value]
     return value
+
+
+async def backend_cpu(url: str) -> dict[int, float]:
+    """CPU seconds (user + system, from /proc) each server process of `url`'s database
+    has spent so far, by pid (this same machine; the asking session left out)."""
+    import asyncpg
+
+    conn = await asyncpg.connect(url)
+    try:
+        pids = await conn.fetch(
+            "SELECT pid FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+    finally:
+        await conn.close()
+    spent = {pid: _cpu_of(pid) for (pid,) in pids}
+    return {pid: seconds for pid, seconds in spent.items() if seconds is not None}
+
+
+def _cpu_of(pid: int) -> float | None:
+    """A process's CPU seconds (/proc is no disk: reading it never blocks)."""
+    import os
+
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:  # gone meanwhile
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def cpu_since(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU seconds spent between two `backend_cpu` readings (new processes from 0)."""
+    return sum(seconds - before.get(pid, 0.0) for pid, seconds in after.items())

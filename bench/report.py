@@ -303,11 +303,13 @@ def _lone(title: str, s: dict[str, Any]) -> list[str]:
             _fmt(r["running_p50_ms"], ".3f"),
             _fmt(r["transition_p50_ms"], ".3f"),
             _fmt(r.get("shipped_over_it"), ".2f"),
+            _fmt(r.get("client_cpu_ms_per_job"), ".3f"),
+            _fmt(r.get("server_cpu_ms_per_job"), ".3f"),
         ]
         for r in s["rows"]
     ]
     headers = ["side", "enqueue ms", "provisioning ms", "running ms", "transition ms"]
-    return [head, *_table([*headers, "shipped/it"], rows)]
+    return [head, *_table([*headers, "shipped/it", "client CPU ms/job", "server CPU ms/job"], rows)]
 
 
 _SECTIONS = [

@@ -235,13 +235,14 @@ class LoggedServer:
 
 
 @pytest.fixture(scope="module")
-async def server(database: str) -> AsyncIterator[LoggedServer]:
-    """One server process for a whole test module (its tests reset the tables).
+async def server(request: pytest.FixtureRequest, database: str) -> AsyncIterator[LoggedServer]:
+    """One server process for a whole test module (its tests reset the tables), with the
+    module's `SERVER_ENV` (a dict, if it has one) over the environment.
 
     Afterwards the module fails if the app logged an error it did not expect: it logs
     every 500 it answers and every exception it did not handle.
     """
-    process = LoggedServer(database, 1)
+    process = LoggedServer(database, 1, **getattr(request.module, "SERVER_ENV", {}))
     try:
         await process.wait_ready()
         yield process

@@ -121,7 +121,7 @@ async def test_hot_statements_use_their_indexes(db: asyncpg.Connection) -> None:
 
     def one(**values: Any) -> dict[str, Any]:
         """A batched statement's values for one call (arrays of one), and the plan."""
-        progress = {"plan": ["create_vm", "install_agent"], "eta": True}
+        progress = {"plan": ["create_vm", "install_agent"]}
         return {k: [v] for k, v in values.items()} | progress
 
     moved = {"job_id": busy, "attempt": 1, "workflow_run_id": None, "dispatch_id": None}

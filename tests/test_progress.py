@@ -19,10 +19,14 @@ import asyncpg
 import httpx
 import pytest
 
+from jobs_app.services.progress import Learned, Medians
 from tests.conftest import API_HEADERS, LoggedServer
 from tests.http_helpers import callback, make_job, signed_headers
 from tests.sse_helpers import SSEReader
 
+SERVER_ENV = {"JOBS_ETA_REFRESH_SECONDS": "0"}
+"""The module's server reads the medians for every answer: each test sees exactly what the
+ones before it left (the copy a process keeps has a test of its own, below)."""
 PLAN = ["create_vm", "install_agent", "health_check"]  # the default JOBS_PROVISION_STEPS
 LABELS = ["Creating your VM", "Installing your agent", "Checking your agent"]
 TOLERANCE = 0.3
@@ -388,3 +392,39 @@ async def test_the_eta_is_learned_from_past_jobs(
     assert running["progress"]["eta_seconds"] is None
     failed = (await status(api, fresh["id"], "failed", error="x")).json()
     assert failed["progress"]["eta_seconds"] is None
+
+
+async def test_a_process_reads_the_medians_at_most_every_refresh(
+    start_logged_server: Any, db: asyncpg.Connection
+) -> None:
+    """With JOBS_ETA_REFRESH_SECONDS an hour, a process's answers use the medians it read
+    first, whatever was learned since; another process reads the new ones."""
+    first = await start_logged_server(JOBS_ETA_REFRESH_SECONDS="3600")
+    async with httpx.AsyncClient(base_url=first.url, headers=API_HEADERS, timeout=20) as api:
+        early = await make_job(api)  # read now: nothing learned yet
+        assert early["progress"]["eta_seconds"] is None
+        for _ in range(6):
+            await past_job(api, db)
+        queued = await make_job(api)
+        assert queued["progress"]["eta_seconds"] is None  # the copy from before
+        assert (await job_of(api, queued["id"]))["progress"]["eta_seconds"] is None
+    second = await start_logged_server(JOBS_ETA_REFRESH_SECONDS="3600")
+    async with httpx.AsyncClient(base_url=second.url, headers=API_HEADERS, timeout=20) as api:
+        seen = await job_of(api, queued["id"])
+        assert near(seen["progress"]["eta_seconds"], WAIT + 1.8), seen["progress"]
+
+
+def test_the_copy_goes_stale_after_its_age() -> None:
+    now = [100.0]
+    learned = Learned(clock=lambda: now[0])
+    assert learned.stale(2.0)  # nothing read yet
+    medians = Medians({"create_vm": (1.0, 6)}, (2.0, 6))
+    assert learned.remember(medians) is medians and learned.medians is medians
+    assert not learned.stale(2.0)
+    now[0] += 1.9
+    assert not learned.stale(2.0)
+    now[0] += 0.1
+    assert learned.stale(2.0)
+    assert learned.stale(0.0)  # JOBS_ETA_REFRESH_SECONDS=0: every answer reads them
+    learned.remember(medians)
+    assert learned.stale(0.0)

@@ -109,6 +109,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """Browser origins allowed to open event streams (CORS); none by default."""
     provision_steps: tuple[ProvisionStep, ...] = parse_provision_steps(DEFAULT_PROVISION_STEPS)
     """The provisioning workflow's steps, in order (JOBS_PROVISION_STEPS)."""
+    eta_refresh_seconds: float = 2.0
+    """Each process re-reads the learned medians behind the ETA at most this often
+    (JOBS_ETA_REFRESH_SECONDS; 0: every answer reads them)."""
 
     def require_secrets(self) -> Settings:
         """Settings with every secret present: generated in dev mode, else an error naming them."""
@@ -282,6 +285,9 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         ),
         provision_steps=parse_provision_steps(
             e.get("JOBS_PROVISION_STEPS") or DEFAULT_PROVISION_STEPS
+        ),
+        eta_refresh_seconds=_env_number(
+            e, "JOBS_ETA_REFRESH_SECONDS", d.eta_refresh_seconds, minimum=0
         ),
     )
 

@@ -171,7 +171,7 @@ class _Enqueue(msgspec.Struct, frozen=True):
 async def _run_enqueues(requests: Sequence[_Enqueue]) -> list[Enqueued | BaseException]:
     fields = ("agent_id", "user_id", "stripe_event_id", "region", "max_retries", "actor")
     values = _arrays(requests, *fields)
-    rows = _by_n(await fetch(ENQUEUE, plan=progress.plan_names(), **values))
+    rows = _by_n(await fetch(ENQUEUE, plan=progress.learned_plan(), **values))
     answers: list[Enqueued | BaseException] = []
     committed: list[Committed] = []
     for n, request in enumerate(requests, 1):
@@ -360,7 +360,7 @@ TRANSITIONS_BATCH = Statement(
             "'job failed by ' || m.by_actor",
             f"m.status = '{JobStatus.FAILED}' AND m.by_actor <> '{Actor.WORKFLOW}'",
         )
-    }), {progress.PROGRESS_CTE_IF_ETA}
+    }), {progress.PROGRESS_CTE}
     SELECT m.n, true AS moved, e.event_id, true AS issued, m.steps AS reports, {progress.LEARNED},
            {job_columns("m")}
     FROM moved AS m JOIN event AS e ON e.job_id = m.id CROSS JOIN learned
@@ -402,9 +402,9 @@ async def _run_transitions(requests: Sequence[_Transition]) -> list[Job | BaseEx
     rows = _by_n(
         await fetch(
             TRANSITIONS_BATCH,
-            plan=progress.plan_names(),
-            # Each answer's job is in its request's status (moved, or a repeat), or an error.
-            eta=progress.eta_wanted(r.to_status for r in requests),
+            # Each answer's job is in its request's status (moved, or a repeat), or an error:
+            # no medians to read when none of those statuses has an estimate.
+            plan=progress.learned_plan(progress.eta_wanted(r.to_status for r in requests)),
             **values,
         )
     )
@@ -717,7 +717,7 @@ class _StepReport(msgspec.Struct, frozen=True):
 async def _run_step_reports(requests: Sequence[_StepReport]) -> list[Job | BaseException]:
     fields = ("job_id", "attempt", "dispatch_id", "workflow_run_id", "step", "state", "detail")
     values = _arrays(requests, *fields)
-    rows = _by_n(await fetch(STEP_REPORTS, plan=progress.plan_names(), **values))
+    rows = _by_n(await fetch(STEP_REPORTS, plan=progress.learned_plan(), **values))
     answers: list[Job | BaseException] = []
     committed: list[Committed] = []
     for n, request in enumerate(requests, 1):
@@ -815,7 +815,7 @@ async def with_progress(jobs: Sequence[Job]) -> list[Job]:
     rows = {
         row["id"]: row
         for row in await fetch(
-            JOB_PROGRESS, job_ids=[job.id for job in jobs], plan=progress.plan_names()
+            JOB_PROGRESS, job_ids=[job.id for job in jobs], plan=progress.learned_plan()
         )
     }
     return [progress.with_progress(job, rows[job.id]) if job.id in rows else job for job in jobs]
@@ -872,7 +872,7 @@ async def retry_job(
         actor=actor,
         reason=reason or ("extra attempt granted" if grant_extra_attempt else "retry"),
         grant_extra=grant_extra_attempt,
-        plan=progress.plan_names(),
+        plan=progress.learned_plan(),
     )
     if row is not None and row["moved"]:
         metrics.TRANSITIONS.labels(JobStatus.QUEUED).inc()
@@ -978,7 +978,7 @@ def _count_stale(job: Job) -> None:
 
 
 async def _get_job_checked(job_id: UUID) -> tuple[Job, bool]:
-    row = await fetchrow(GET_JOB_CHECKED, job_id=job_id, plan=progress.plan_names(), **timeouts())
+    row = await fetchrow(GET_JOB_CHECKED, job_id=job_id, plan=progress.learned_plan(), **timeouts())
     if row is None:
         raise errors.NotFoundError("job not found", job_id=str(job_id))
     job = progress.with_progress(job_from_row(row, _CHECKED_COLUMNS), row)

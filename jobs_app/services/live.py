@@ -131,7 +131,7 @@ async def open_user_stream(user_id: UUID, last_event_id: int | None) -> int:
 async def job_events_after(job_id: UUID, after: int, limit: int) -> list[StreamEvent]:
     """The job's events with id > `after`, oldest first, at most `limit`."""
     rows = await fetch(
-        _JOB_EVENTS_AFTER, job_id=job_id, after=after, limit=limit, plan=progress.plan_names()
+        _JOB_EVENTS_AFTER, job_id=job_id, after=after, limit=limit, plan=progress.learned_plan()
     )
     return [_stream_event(r) for r in rows]
 
@@ -139,7 +139,7 @@ async def job_events_after(job_id: UUID, after: int, limit: int) -> list[StreamE
 async def user_events_after(user_id: UUID, after: int, limit: int) -> list[StreamEvent]:
     """The events of all the user's jobs with id > `after`, oldest first, at most `limit`."""
     rows = await fetch(
-        _USER_EVENTS_AFTER, user_id=user_id, after=after, limit=limit, plan=progress.plan_names()
+        _USER_EVENTS_AFTER, user_id=user_id, after=after, limit=limit, plan=progress.learned_plan()
     )
     return [_stream_event(r) for r in rows]
 

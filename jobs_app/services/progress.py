@@ -3,10 +3,17 @@ them, and an estimate of the time left learned from past jobs.
 
 The statements that return a job to the API add columns built here: the attempt's step
 states (`step_reports`: the job's `steps`, which each step report updates on the row it
-locks) and the medians (`MEDIANS`, one scalar subquery per
-statement, reading the last 50 samples of each step and of the wait before provisioning
-through two small partial indexes), with the database's `now()`. `progress()` turns them
-into the `Progress` every answer carries:
+locks) and the medians (`MEDIANS`, one scalar subquery per statement, reading the last 50
+samples of each step and of the wait before provisioning through two small partial
+indexes), with the database's `now()`. `progress()` turns them into the `Progress` every
+answer carries.
+
+The medians move slowly (one sample in 50 at a time) but reading them is a fifth of a
+lone transition's time (the newest samples are never all-visible: heap visits), so each
+process keeps the copy it last read: a statement reads them only when its `:plan`
+parameter is given (`learned_plan()`: when the copy is older than
+`JOBS_ETA_REFRESH_SECONDS`, 2 s by default; 0 reads them every time), and answers use the
+copy otherwise.
 
 - a step is `pending`, `started`, `succeeded` or `failed` as its last report says; one
   reported `succeeded` without `started` started when it succeeded;
@@ -18,7 +25,9 @@ into the `Progress` every answer carries:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+import time
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any
 
@@ -41,7 +50,8 @@ def step_reports(job: str) -> str:
     return f"{job}.steps"
 
 
-MEDIANS = f"""(SELECT json_agg(json_build_array(m.step, m.median, m.samples)) FROM (
+MEDIANS = f"""CASE WHEN CAST(:plan AS text[]) IS NOT NULL THEN (
+    SELECT json_agg(json_build_array(m.step, m.median, m.samples)) FROM (
         SELECT s.step, percentile_cont(0.5) WITHIN GROUP (ORDER BY x.seconds) AS median,
                count(x.seconds) AS samples
         FROM unnest(CAST(:plan AS text[])) AS s(step)
@@ -56,8 +66,10 @@ MEDIANS = f"""(SELECT json_agg(json_build_array(m.step, m.median, m.samples)) FR
         FROM (SELECT e.seconds FROM job_events AS e
               WHERE e.kind = '{EventKind.TRANSITION}' AND e.to_status = '{JobStatus.PROVISIONING}'
               ORDER BY e.id DESC LIMIT {SAMPLES}) AS w
-    ) AS m)"""
-"""SQL: `[[step or null (the wait), median seconds, samples], ...]`; needs `:plan`."""
+    ) AS m) END"""
+"""SQL: `[[step or null (the wait), median seconds, samples], ...]` for the steps of
+`:plan`; null (nothing read: a subquery under CASE runs only when reached) when `:plan`
+is null."""
 
 PROGRESS_COLUMNS = f"now() AS db_now, {MEDIANS} AS medians"
 """The columns every job-returning statement adds once (with `step_reports` per job)."""
@@ -65,25 +77,20 @@ PROGRESS_COLUMNS = f"now() AS db_now, {MEDIANS} AS medians"
 PROGRESS_CTE = f"learned AS (SELECT {PROGRESS_COLUMNS})"
 """The same, as a CTE for a statement with several branches (computed once): join it as
 `CROSS JOIN learned` and select LEARNED."""
-PROGRESS_CTE_IF_ETA = (
-    f"learned AS (SELECT now() AS db_now, CASE WHEN CAST(:eta AS boolean) THEN {MEDIANS} END"
-    " AS medians)"
-)
-"""PROGRESS_CTE for a statement whose answers may all be past needing an estimate: the
-medians are read only when `:eta` (`eta_wanted`) is true; unread, they cost nothing."""
 LEARNED = "learned.db_now, learned.medians"
 
 
 def eta_wanted(statuses: Iterable[JobStatus | str]) -> bool:
-    """Whether a job in one of these statuses has an estimate (`:eta`)."""
+    """Whether a job in one of these statuses has an estimate."""
     return any(status in ESTIMATED for status in statuses)
 
 
 def parameters(values: dict[str, Any]) -> dict[str, Any]:
-    """The progress parameters (`:plan`, `:eta`) of a statement run by hand with these
-    values (one call's: `to_status` a status or a list of them), as the service runs it."""
+    """The progress parameter (`:plan`) of a statement run by hand with these values (one
+    call's: `to_status` a status or a list of them), reading the medians when an answer
+    needs them."""
     to = values.get("to_status", JobStatus.QUEUED)
-    return {"plan": plan_names(), "eta": eta_wanted(to if isinstance(to, list) else [to])}
+    return {"plan": plan_names() if eta_wanted(to if isinstance(to, list) else [to]) else None}
 
 
 def plan() -> tuple[ProvisionStep, ...]:
@@ -91,7 +98,7 @@ def plan() -> tuple[ProvisionStep, ...]:
 
 
 def plan_names() -> list[str]:
-    """The `:plan` parameter: the plan's step names."""
+    """The plan's step names (the `:plan` of a statement that reads the medians)."""
     return [step.name for step in plan()]
 
 
@@ -108,6 +115,9 @@ class Medians(msgspec.Struct):
     def queue_wait(self) -> float | None:
         """The median wait before provisioning, when it has MIN_SAMPLES samples."""
         return _trusted(self.wait)
+
+
+_NOTHING_LEARNED = Medians({}, (None, 0))
 
 
 def _trusted(learned: tuple[float | None, int]) -> float | None:
@@ -127,11 +137,41 @@ def medians_of(raw: Any) -> Medians:
     return Medians(by_step, wait)
 
 
+class Learned:
+    """A process's copy of the medians, and when it was read."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self.medians: Medians | None = None
+        self._read_at = -math.inf
+
+    def stale(self, max_age: float) -> bool:
+        """Whether the copy is missing or older than `max_age` seconds."""
+        return self.medians is None or self._clock() - self._read_at >= max_age
+
+    def remember(self, medians: Medians) -> Medians:
+        self.medians = medians
+        self._read_at = self._clock()
+        return medians
+
+
+_learned = Learned()
+
+
+def learned_plan(wanted: bool = True) -> list[str] | None:
+    """The `:plan` parameter of a statement whose answers use the medians: the plan's step
+    names when they are to be read (`wanted`, and this process's copy is stale), else None
+    (the answers then use the copy: see `with_progress`)."""
+    if wanted and _learned.stale(get_settings().eta_refresh_seconds):
+        return plan_names()
+    return None
+
+
 def _json(raw: Any) -> Any:
     return msgspec.json.decode(raw) if isinstance(raw, (str, bytes)) else raw
 
 
-def progress(job: Job, reports: Any, medians: Any, now: datetime) -> Progress:
+def progress(job: Job, reports: Any, medians: Medians, now: datetime) -> Progress:
     """The job's progress, from the columns its statement returned (see the module doc)."""
     reported = _json(reports) or {}
     steps: list[StepProgress] = []
@@ -158,7 +198,7 @@ def progress(job: Job, reports: Any, medians: Any, now: datetime) -> Progress:
         completed=sum(step.state == StepState.SUCCEEDED for step in steps),
         total=len(steps),
         current=current,
-        eta_seconds=_eta(job, steps, medians_of(medians), now),
+        eta_seconds=_eta(job, steps, medians, now),
     )
 
 
@@ -190,6 +230,11 @@ def _eta(job: Job, steps: list[StepProgress], medians: Medians, now: datetime) -
 
 def with_progress(job: Job, row: Any) -> Job:
     """`job` with its progress, from the columns its statement returned (`reports`,
-    `medians`, `db_now`)."""
-    shown = progress(job, row["reports"], row["medians"], row["db_now"])
+    `medians`, `db_now`); medians it did not read (`learned_plan()` gave no plan) are this
+    process's copy, and those it read become the copy."""
+    if row["medians"] is not None:
+        medians = _learned.remember(medians_of(row["medians"]))
+    else:
+        medians = _learned.medians or _NOTHING_LEARNED
+    shown = progress(job, row["reports"], medians, row["db_now"])
     return msgspec.structs.replace(job, progress=shown)
