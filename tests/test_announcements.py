@@ -199,17 +199,21 @@ async def test_announcement_rounds_are_spaced_and_a_commit_after_a_quiet_spell_g
     commit after a quiet spell at once, and those made while a round's spacing runs
     together in the next round (one NOTIFY, not one per batch). The spacing is made
     60 s here, so which commits share a round is forced, not timed; stopping the listener
-    sends what is still pending."""
+    sends what is still pending. A round goes out on the listener's own connection (the
+    sender's server process is its LISTEN session's); the one sent while stopping, that
+    connection closed, on a pooled one."""
     import msgspec
 
     listener = Listener(database, announce_spacing=60.0)
     received: list[Notification] = []
+    senders: list[int] = []
     arrived = asyncio.Event()
 
-    def on_notify(_conn: object, _pid: int, _channel: str, payload: str) -> None:
+    def on_notify(_conn: object, pid: int, _channel: str, payload: str) -> None:
         notification = msgspec.json.decode(payload, type=Notification)
         if notification.origin == listener.origin:
             received.append(notification)
+            senders.append(pid)
             arrived.set()
 
     other_replica = await asyncpg.connect(database)
@@ -221,6 +225,8 @@ async def test_announcement_rounds_are_spaced_and_a_commit_after_a_quiet_spell_g
         async with asyncio.timeout(10):  # at once: the spacing (60 s) is not waited for
             await arrived.wait()
         assert [n.jobs for n in received] == [[first]]
+        listening_pid = listener.backend_pid
+        assert senders == [listening_pid]
         later = [await _enqueue_one() for _ in range(3)]
         arrived.clear()
         await listener.stop()  # the round cut short is sent now
@@ -232,6 +238,7 @@ async def test_announcement_rounds_are_spaced_and_a_commit_after_a_quiet_spell_g
         # Notifications arrive in commit order: the one naming the last job is the last.
         assert len(received) == 2, received
         assert sorted(received[1].jobs or []) == sorted(later)
+        assert senders[1] != listening_pid
     finally:
         if not stopped:
             await listener.stop()

@@ -8,7 +8,9 @@ dispatcher.
   (`services/announcements.py`). The listener wakes this process's streams and observers
   at once, and tells the other replicas: one NOTIFY per round (whatever this process
   committed since the previous round), in a transaction of its own that writes nothing
-  and commits asynchronously; rounds start at least `ANNOUNCE_SPACING` (20 ms) apart, so
+  and commits asynchronously, sent on the LISTEN connection itself (no pooled
+  connection, no second server process woken for it; a pooled one while that connection
+  is being replaced); rounds start at least `ANNOUNCE_SPACING` (20 ms) apart, so
   under load one small transaction carries many batches' commits, and a commit after a
   quiet spell goes at once. A transition's commit never takes PostgreSQL's
   instance-wide NOTIFY lock.
@@ -138,6 +140,10 @@ class Listener:
         """How many connections have listened so far (1 + reconnects)."""
         self.backend_pid: int | None = None
         """The current connection's server process id (diagnostics, tests)."""
+        self._conn: asyncpg.Connection | None = None
+        """The LISTEN connection while it is listening: the announcements go out on it."""
+        self._using = asyncio.Lock()
+        """One operation at a time on it (the health check, a round's NOTIFY)."""
 
     # ----------------------------------------------------------------- public API
 
@@ -213,7 +219,10 @@ class Listener:
                 conn = await asyncpg.connect(
                     self._dsn,
                     timeout=self._health_timeout * 2,
-                    server_settings={"application_name": APPLICATION_NAME},
+                    server_settings={
+                        "application_name": APPLICATION_NAME,
+                        **announcements.ASYNC_COMMIT,
+                    },
                 )
                 lost = asyncio.Event()
                 # Synchronous, from the protocol: only note it.
@@ -221,6 +230,7 @@ class Listener:
                 await conn.add_listener(CHANNEL, self._on_notify)
                 self.connections += 1
                 self.backend_pid = conn.get_server_pid()
+                self._conn = conn
                 self.listening.set()
                 failures = 0
                 self._inbox.put_nowait(_RECONNECTED)
@@ -232,6 +242,7 @@ class Listener:
                 log.warning("listener connection failed; retrying", error=str(exc))
             finally:
                 self.listening.clear()
+                self._conn = None
                 if conn is not None:
                     conn.terminate()  # never wait on a connection that may be dead
             await asyncio.sleep(
@@ -250,7 +261,7 @@ class Listener:
                     await lost.wait()
                     return
             try:
-                async with asyncio.timeout(self._health_timeout):
+                async with asyncio.timeout(self._health_timeout), self._using:
                     await conn.fetchval("SELECT 1")
             except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
                 return
@@ -322,7 +333,12 @@ class Listener:
         if not events:
             return
         try:
-            await announcements.notify_others(events, self.origin)
+            conn = self._conn
+            if conn is None:  # being replaced: a pooled connection meanwhile
+                await announcements.notify_others(events, self.origin)
+            else:
+                async with asyncio.timeout(self._health_timeout), self._using:
+                    await announcements.notify_others(events, self.origin, conn)
             metrics.ANNOUNCEMENTS.labels("sent").inc()
         except asyncio.CancelledError:
             raise

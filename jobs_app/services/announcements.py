@@ -6,8 +6,8 @@ statement has committed, the service calls `announce(events)`. In-process sinks 
 listener, which wakes this process's streams and dispatcher at once) take it from there;
 the listener then tells the other replicas with `notify_others`: one NOTIFY per round
 (rounds at least 20 ms apart), in a transaction of its own that writes nothing and
-commits asynchronously, so no transition's commit takes PostgreSQL's instance-wide
-NOTIFY lock.
+commits asynchronously (on the listener's own connection while it is up), so no
+transition's commit takes PostgreSQL's instance-wide NOTIFY lock.
 
 A sink is called synchronously and must not block (queue the events, set an event).
 """
@@ -18,6 +18,7 @@ import contextlib
 from collections.abc import Callable, Sequence
 from uuid import UUID
 
+import asyncpg
 import msgspec
 
 from jobs_app.core.logs import get_logger
@@ -28,6 +29,9 @@ log = get_logger("jobs_app.announcements")
 CHANNEL = "job_events"
 NOTIFY_MAX_BYTES = 7900
 """NOTIFY takes at most 8,000 bytes of payload."""
+ASYNC_COMMIT = {"synchronous_commit": "off"}
+"""The session setting of a connection `notify_others` may use: its transactions (NOTIFYs
+only) commit without waiting for their WAL flush."""
 
 
 class Notification(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -119,16 +123,23 @@ def _payloads(events: Sequence[Committed], origin: str) -> list[str]:
     return payloads
 
 
-async def notify_others(events: Sequence[Committed], origin: str) -> None:
-    """Tell the other replicas: one transaction, one round trip, committed asynchronously
-    (it writes nothing, so nothing waits for its WAL flush while it holds NOTIFY's lock).
+async def notify_others(
+    events: Sequence[Committed], origin: str, conn: asyncpg.Connection | None = None
+) -> None:
+    """Tell the other replicas, in one round trip: on `conn`, a session that writes
+    nothing else and commits asynchronously (the listener's own: see `ASYNC_COMMIT`), or
+    else on a pooled connection, in a transaction made to commit asynchronously. Either
+    way nothing waits for a WAL flush while it holds NOTIFY's lock.
 
     The payloads are our own JSON of ids (no quote character in them) written as
     literals: a simple-protocol round trip runs the whole transaction.
     """
     notifies = "".join(
-        f"SELECT pg_notify('{CHANNEL}', '{payload.replace(chr(39), chr(39) * 2)}');"
+        f"NOTIFY {CHANNEL}, '{payload.replace(chr(39), chr(39) * 2)}';"
         for payload in _payloads(events, origin)
     )
-    async with connection() as conn:
-        await conn.execute(f"BEGIN; SET LOCAL synchronous_commit TO off; {notifies} COMMIT;")
+    if conn is not None:
+        await conn.execute(notifies)
+        return
+    async with connection() as pooled:
+        await pooled.execute(f"BEGIN; SET LOCAL synchronous_commit TO off; {notifies} COMMIT;")
