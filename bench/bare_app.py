@@ -31,7 +31,9 @@ _TIMEOUTS = {
     "deadline": _settings.job_deadline_seconds,
     "queue_timeout": _settings.queue_timeout_seconds,
 }
-_PLAN = [step.name for step in _settings.provision_steps]
+_PLAN = None
+"""The statement's `:plan`: none, so it reads no ETA medians, as the service's statement
+does but every JOBS_ETA_REFRESH_SECONDS (it answers from its process's copy)."""
 
 
 async def _no_reset(conn: asyncpg.Connection) -> None:
