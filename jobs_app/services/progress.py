@@ -8,9 +8,9 @@ samples of each step and of the wait before provisioning through two small parti
 indexes), with the database's `now()`. `progress()` turns them into the `Progress` every
 answer carries.
 
-The medians move slowly (one sample in 50 at a time) but reading them is a fifth of a
-lone transition's time (the newest samples are never all-visible: heap visits), so each
-process keeps the copy it last read: a statement reads them only when its `:plan`
+The medians move slowly (one sample in 50 at a time) but reading them cost a lone
+transition ~6-8% of its time (the newest samples are never all-visible: heap visits), so
+each process keeps the copy it last read: a statement reads them only when its `:plan`
 parameter is given (`learned_plan()`: when the copy is older than
 `JOBS_ETA_REFRESH_SECONDS`, 2 s by default; 0 reads them every time), and answers use the
 copy otherwise.
@@ -25,7 +25,6 @@ copy otherwise.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterable
 from datetime import datetime
@@ -143,7 +142,7 @@ class Learned:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self.medians: Medians | None = None
-        self._read_at = -math.inf
+        self._read_at = 0.0
 
     def stale(self, max_age: float) -> bool:
         """Whether the copy is missing or older than `max_age` seconds."""
