@@ -9,7 +9,7 @@ indexes), with the database's `now()`. `progress()` turns them into the `Progres
 answer carries.
 
 The medians move slowly (one sample in 50 at a time) but reading them cost a lone
-transition ~6-8% of its time (the newest samples are never all-visible: heap visits), so
+transition 5-10% of its time (the newest samples are never all-visible: heap visits), so
 each process keeps the copy it last read: a statement reads them only when its `:plan`
 parameter is given (`learned_plan()`: when the copy is older than
 `JOBS_ETA_REFRESH_SECONDS`, 2 s by default; 0 reads them every time), and answers use the
