@@ -221,6 +221,8 @@ async def test_announcement_rounds_are_spaced_and_a_commit_after_a_quiet_spell_g
     await listener.start()
     stopped = False
     try:
+        async with asyncio.timeout(30):  # its connection up: the round goes out on it
+            await listener.listening.wait()
         first = await _enqueue_one()
         async with asyncio.timeout(10):  # at once: the spacing (60 s) is not waited for
             await arrived.wait()
