@@ -39,18 +39,19 @@ class Operation:
 
 def _step(statement: Any, **fixed: Any) -> Callable[[Values], Step]:
     def build(values: Values) -> Step:
-        return statement.sql, statement.args(values | fixed | progress.parameters(values | fixed))
+        return statement.sql, statement.args(values | fixed | progress.FROM_COPY)
 
     return build
 
 
 def _alone(statement: Any, **fixed: Any) -> Callable[[Values], Step]:
     """A batched statement (array parameters) for one call: arrays of one element (and
-    the plan of steps, for the statements that answer with a job's progress)."""
+    no plan of steps: the service's own statements read no ETA medians while its copy
+    is fresh)."""
 
     def build(values: Values) -> Step:
         arrays = {k: [v] for k, v in (values | fixed).items()}
-        return statement.sql, statement.args(arrays | progress.parameters(arrays))
+        return statement.sql, statement.args(arrays | progress.FROM_COPY)
 
     return build
 

@@ -55,10 +55,10 @@ async def lifecycle(ctx: Context) -> dict[str, Any]:
     transition, heartbeat = jobs.TRANSITIONS_BATCH, jobs.HEARTBEATS
 
     def one(statement: Any, **values: Any) -> list[Any]:
-        """A batched statement's arguments for one call (arrays of one; the plan of steps
-        for those that answer with a job's progress)."""
+        """A batched statement's arguments for one call (arrays of one; no plan of steps:
+        the service reads no ETA medians while its copy is fresh)."""
         arrays = {k: [v] for k, v in values.items()}
-        return statement.args(arrays | progress.parameters(arrays))
+        return statement.args(arrays | progress.FROM_COPY)
 
     moved = {"attempt": 1, "actor": Actor.WORKFLOW, "dispatch_id": None}
     moved |= {"error": None, "failed_step": None, "failure_reason": None}

@@ -84,12 +84,9 @@ def eta_wanted(statuses: Iterable[JobStatus | str]) -> bool:
     return any(status in ESTIMATED for status in statuses)
 
 
-def parameters(values: dict[str, Any]) -> dict[str, Any]:
-    """The progress parameter (`:plan`) of a statement run by hand with these values (one
-    call's: `to_status` a status or a list of them), reading the medians when an answer
-    needs them."""
-    to = values.get("to_status", JobStatus.QUEUED)
-    return {"plan": plan_names() if eta_wanted(to if isinstance(to, list) else [to]) else None}
+FROM_COPY: dict[str, Any] = {"plan": None}
+"""The progress parameter of a statement run by hand as the service runs it almost always
+(its process's copy of the medians fresh): no medians read."""
 
 
 def plan() -> tuple[ProvisionStep, ...]:
