@@ -22,7 +22,7 @@ from litestar.exceptions import NotFoundException
 
 from jobs_app.core.settings import load_settings
 from jobs_app.db import connector
-from jobs_app.services import jobs, progress
+from jobs_app.services import jobs
 
 _settings = load_settings()
 _pool: asyncpg.Pool | None = None
@@ -69,9 +69,9 @@ async def heartbeat(job_id: UUID, data: Heartbeat) -> None:
 async def get_job(job_id: UUID) -> dict[str, Any]:
     assert _pool is not None
     statement = jobs.GET_JOB_CHECKED
-    # No ETA medians read, as the service's statement reads them only every
-    # JOBS_ETA_REFRESH_SECONDS (it answers from its process's copy).
-    values = {"job_id": job_id, **progress.FROM_COPY, **_TIMEOUTS}
+    # No ETA medians read: the service reads them only every JOBS_ETA_REFRESH_SECONDS
+    # (it answers from its process's copy).
+    values = {"job_id": job_id, **_TIMEOUTS}
     row = await _pool.fetchrow(statement.sql, *statement.args(values))
     if row is None:
         raise NotFoundException()

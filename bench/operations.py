@@ -19,7 +19,7 @@ import asyncpg
 from bench import seed
 from bench.context import Context
 from jobs_app.core.lifecycle import Actor, FailureReason, JobStatus
-from jobs_app.services import jobs, progress
+from jobs_app.services import jobs
 
 Values = dict[str, Any]
 Step = tuple[str, list[Any]]  # SQL text and its positional arguments
@@ -39,19 +39,17 @@ class Operation:
 
 def _step(statement: Any, **fixed: Any) -> Callable[[Values], Step]:
     def build(values: Values) -> Step:
-        return statement.sql, statement.args(values | fixed | progress.FROM_COPY)
+        return statement.sql, statement.args(values | fixed)
 
     return build
 
 
 def _alone(statement: Any, **fixed: Any) -> Callable[[Values], Step]:
-    """A batched statement (array parameters) for one call: arrays of one element (and
-    no plan of steps: the service's own statements read no ETA medians while its copy
-    is fresh)."""
+    """A batched statement (array parameters) for one call: arrays of one element."""
 
     def build(values: Values) -> Step:
         arrays = {k: [v] for k, v in (values | fixed).items()}
-        return statement.sql, statement.args(arrays | progress.FROM_COPY)
+        return statement.sql, statement.args(arrays)
 
     return build
 

@@ -9,9 +9,9 @@ ratio is the median of the per-round ratios (pooled percentiles are in the JSON)
 
 The sweep finds nothing stale (the jobs in flight are fresh): what it costs is
 finding that out, which must not grow with the history. Each history job has its wait
-and its three steps in `job_events` (4 rows a job), so `get_job` (a job with its
-progress and the ETA's medians) reads the same few index pages however long the
-history: its plan is printed for both sizes.
+and its three steps in `job_events` (4 rows a job), so reading the ETA's medians
+(what each process does every JOBS_ETA_REFRESH_SECONDS) reads the same few index pages
+however long the history: its plan is printed for both sizes.
 """
 
 from __future__ import annotations
@@ -66,12 +66,12 @@ async def scale(ctx: Context) -> dict[str, Any]:
                 seconds[name] = time.perf_counter() - started
                 count = await conn.fetchval("SELECT count(*) FROM provisioning_jobs")
                 plans[name] = await _claim_plan(conn)
-                eta_plans[name] = await _eta_plan(conn, populations[name])
+                eta_plans[name] = await _eta_plan(conn)
             finally:
                 await conn.close()
             print(f"  seeded {count:,} jobs in {seconds[name]:.1f} s", flush=True)
             print(f"  the dispatch claim reads {plans[name]}", flush=True)
-            print(f"  a job with its ETA reads {eta_plans[name]}", flush=True)
+            print(f"  the ETA's medians read {eta_plans[name]}", flush=True)
 
         # timings[size][operation]: one list of call durations per round
         timings: dict[str, dict[str, list[list[float]]]] = {
@@ -150,16 +150,13 @@ async def _claim_plan(conn: asyncpg.Connection) -> dict[str, Any]:
     }
 
 
-async def _eta_plan(conn: asyncpg.Connection, pop: seed.Population) -> dict[str, Any]:
-    """What `get_job` (with progress and the ETA's medians) reads, run for real: its
-    indexes, shared buffers touched, whether it scans job_events, and its time."""
-    statement = jobs.GET_JOB_CHECKED
-    values = {
-        "job_id": seed.job_id(pop.tag, pop.in_flight_jobs[0]),
-        "plan": progress.plan_names(),
-        **jobs.timeouts(),
-    }
-    sql = "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + statement.sql  # a fresh job: no change
+async def _eta_plan(conn: asyncpg.Connection) -> dict[str, Any]:
+    """What reading the ETA's medians (each process does it every
+    JOBS_ETA_REFRESH_SECONDS) costs, run for real: its indexes, shared buffers touched,
+    whether it scans job_events, and its time."""
+    statement = progress.READ_MEDIANS
+    values = {"plan": progress.plan_names()}
+    sql = "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + statement.sql
     raw = await conn.fetchval(sql, *statement.args(values))
     top = json.loads(raw)[0]
     nodes, todo = [], [top["Plan"]]

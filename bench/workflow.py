@@ -25,7 +25,7 @@ from bench.measure import interleave, median, paired_ratio
 from bench.service import raw_pool
 from jobs_app.core.lifecycle import Actor, JobStatus
 from jobs_app.core.settings import get_settings
-from jobs_app.services import jobs, progress
+from jobs_app.services import jobs
 
 LIFECYCLE_TARGET = 0.5
 STEPS = 6  # enqueue, provisioning, 3 heartbeats, running
@@ -55,10 +55,9 @@ async def lifecycle(ctx: Context) -> dict[str, Any]:
     transition, heartbeat = jobs.TRANSITIONS_BATCH, jobs.HEARTBEATS
 
     def one(statement: Any, **values: Any) -> list[Any]:
-        """A batched statement's arguments for one call (arrays of one; no plan of steps:
-        the service reads no ETA medians while its copy is fresh)."""
+        """A batched statement's arguments for one call (arrays of one)."""
         arrays = {k: [v] for k, v in values.items()}
-        return statement.args(arrays | progress.FROM_COPY)
+        return statement.args(arrays)
 
     moved = {"attempt": 1, "actor": Actor.WORKFLOW, "dispatch_id": None}
     moved |= {"error": None, "failed_step": None, "failure_reason": None}

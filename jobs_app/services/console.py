@@ -189,15 +189,15 @@ async def search(query: str) -> list[FoundJob]:
 
 ATTENTION = Statement(
     f"""
-    WITH {progress.PROGRESS_CTE}
-    (SELECT 'failed' AS why, j.completed_at AS since, u.email, {progress.LEARNED},
+    WITH learned AS (SELECT {progress.DB_NOW}, {progress.MEDIANS} AS medians)
+    (SELECT 'failed' AS why, j.completed_at AS since, u.email, learned.db_now, learned.medians,
             {job_columns("j")}
      FROM provisioning_jobs AS j JOIN users AS u ON u.id = j.user_id CROSS JOIN learned
      WHERE j.status = '{JobStatus.FAILED}'
        AND j.completed_at > now() - make_interval(secs => :failed_within)
      ORDER BY j.completed_at DESC LIMIT :limit)
     UNION ALL
-    (SELECT 'slow', COALESCE(j.claimed_at, j.queued_at), u.email, {progress.LEARNED},
+    (SELECT 'slow', COALESCE(j.claimed_at, j.queued_at), u.email, learned.db_now, learned.medians,
             {job_columns("j")}
      FROM provisioning_jobs AS j JOIN users AS u ON u.id = j.user_id CROSS JOIN learned
      WHERE j.status IN ({sql_list(ACTIVE_STATUSES)})
@@ -265,7 +265,8 @@ async def attention() -> list[AttentionJob]:
 
 JOB_PAGE = Statement(
     f"""
-    SELECT u.email, a.name AS agent_name, j.steps AS reports, {progress.PROGRESS_COLUMNS},
+    SELECT u.email, a.name AS agent_name, j.steps AS reports, {progress.DB_NOW},
+        {progress.MEDIANS} AS medians,
         COALESCE((SELECT json_agg(json_build_object(
                 'id', e.id, 'kind', e.kind, 'from_status', e.from_status,
                 'to_status', e.to_status, 'attempt', e.attempt, 'actor', e.actor,
@@ -493,7 +494,9 @@ async def job_page(job_id: UUID) -> JobPage | None:
     row = await fetchrow(JOB_PAGE, job_id=job_id, plan=progress.plan_names())
     if row is None:
         return None
-    job = progress.with_progress(job_from_row(row, _PAGE_COLUMNS), row)
+    # The console reads the medians fresh, in its own statement: no process's copy.
+    medians = progress.medians_of(row["medians"])
+    job = progress.with_progress(job_from_row(row, _PAGE_COLUMNS), row, medians)
     events: list[_Event] = _decode(row["events"], _Event)
     dispatches: list[_Dispatch] = _decode(row["dispatches"], _Dispatch)
     cancellations: list[_Cancellation] = _decode(row["cancellations"], _Cancellation)

@@ -136,27 +136,26 @@ ENQUEUE = Statement(
         SELECT ins.*, CAST(NULL AS varchar) AS from_status, o.actor AS by_actor, o.n
         FROM inserted AS ins JOIN owned AS o ON o.stripe_event_id = ins.stripe_event_id
     ), event AS ({record_events("created", actor="by_actor", reason="'enqueued'")}
-    ), {progress.PROGRESS_CTE}
+    )
     SELECT c.n, true AS created, e.event_id, true AS user_known, true AS agent_known,
-           true AS owned, c.steps AS reports, {progress.LEARNED}, {job_columns("c")}
-    FROM created AS c JOIN event AS e ON e.job_id = c.id CROSS JOIN learned
+           true AS owned, c.steps AS reports, {progress.DB_NOW}, {job_columns("c")}
+    FROM created AS c JOIN event AS e ON e.job_id = c.id
     UNION ALL
     SELECT i.n, false, NULL,
            x.id IS NOT NULL OR EXISTS (SELECT 1 FROM users AS u WHERE u.id = i.user_id),
            x.id IS NOT NULL OR EXISTS (SELECT 1 FROM agents AS a WHERE a.id = i.agent_id),
            x.id IS NOT NULL OR EXISTS (SELECT 1 FROM owned AS o WHERE o.n = i.n),
-           x.steps, {progress.LEARNED}, {job_columns("x")}
+           x.steps, {progress.DB_NOW}, {job_columns("x")}
     FROM input AS i
     LEFT JOIN LATERAL (SELECT {JOB_COLUMNS}, steps FROM provisioning_jobs
                        WHERE stripe_event_id = i.stripe_event_id OFFSET 0) AS x ON true
-    CROSS JOIN learned
     WHERE NOT EXISTS (SELECT 1 FROM created AS c WHERE c.n = i.n)
     """
 )
 BY_STRIPE_EVENT = Statement(
     f"SELECT {JOB_COLUMNS} FROM provisioning_jobs WHERE stripe_event_id = :stripe_event_id"
 )
-_ANSWER_COLUMNS = 9  # n, created, event_id, user_known, agent_known, owned, and progress
+_ANSWER_COLUMNS = 8  # n, created, event_id, user_known, agent_known, owned, reports, db_now
 
 
 class _Enqueue(msgspec.Struct, frozen=True):
@@ -171,18 +170,19 @@ class _Enqueue(msgspec.Struct, frozen=True):
 async def _run_enqueues(requests: Sequence[_Enqueue]) -> list[Enqueued | BaseException]:
     fields = ("agent_id", "user_id", "stripe_event_id", "region", "max_retries", "actor")
     values = _arrays(requests, *fields)
-    rows = _by_n(await fetch(ENQUEUE, plan=progress.learned_plan(), **values))
+    rows = _by_n(await fetch(ENQUEUE, **values))
+    medians = await progress.learned_for(rows.values())
     answers: list[Enqueued | BaseException] = []
     committed: list[Committed] = []
     for n, request in enumerate(requests, 1):
         row = rows[n]
         if row["created"]:
-            job = progress.with_progress(job_from_row(row, _ANSWER_COLUMNS), row)
+            job = progress.with_progress(job_from_row(row, _ANSWER_COLUMNS), row, medians)
             committed.append(Committed(row["event_id"], job.id, job.user_id, True))
             metrics.TRANSITIONS.labels(JobStatus.QUEUED).inc()
             answers.append(Enqueued(job=job, created=True))
         elif row["id"] is not None:
-            replayed = progress.with_progress(job_from_row(row, _ANSWER_COLUMNS), row)
+            replayed = progress.with_progress(job_from_row(row, _ANSWER_COLUMNS), row, medians)
             answers.append(_replay(request, replayed))
         elif not row["user_known"]:
             answers.append(errors.NotFoundError("user not found"))
@@ -360,17 +360,17 @@ TRANSITIONS_BATCH = Statement(
             "'job failed by ' || m.by_actor",
             f"m.status = '{JobStatus.FAILED}' AND m.by_actor <> '{Actor.WORKFLOW}'",
         )
-    }), {progress.PROGRESS_CTE}
-    SELECT m.n, true AS moved, e.event_id, true AS issued, m.steps AS reports, {progress.LEARNED},
+    })
+    SELECT m.n, true AS moved, e.event_id, true AS issued, m.steps AS reports, {progress.DB_NOW},
            {job_columns("m")}
-    FROM moved AS m JOIN event AS e ON e.job_id = m.id CROSS JOIN learned
+    FROM moved AS m JOIN event AS e ON e.job_id = m.id
     UNION ALL
-    SELECT c.n, false, NULL, c.issued, p.steps, {progress.LEARNED}, {job_columns("p")}
-    FROM checked AS c JOIN locked AS p ON p.id = c.job_id CROSS JOIN learned
+    SELECT c.n, false, NULL, c.issued, p.steps, {progress.DB_NOW}, {job_columns("p")}
+    FROM checked AS c JOIN locked AS p ON p.id = c.job_id
     WHERE NOT EXISTS (SELECT 1 FROM moved AS m WHERE m.n = c.n)
     """
 )
-_MOVED_COLUMNS = 7  # n, moved, event_id, issued, reports, db_now, medians
+_MOVED_COLUMNS = 6  # n, moved, event_id, issued, reports, db_now
 
 
 class _Transition(msgspec.Struct, frozen=True):
@@ -399,26 +399,19 @@ async def _run_transitions(requests: Sequence[_Transition]) -> list[Job | BaseEx
         "actor",
     )
     values = _arrays(requests, *fields)
-    rows = _by_n(
-        await fetch(
-            TRANSITIONS_BATCH,
-            # Each answer's job is in its request's status (moved, or a repeat), or an error:
-            # no medians to read when none of those statuses has an estimate.
-            plan=progress.learned_plan(progress.eta_wanted(r.to_status for r in requests)),
-            **values,
-        )
-    )
+    rows = _by_n(await fetch(TRANSITIONS_BATCH, **values))
+    medians = await progress.learned_for(rows.values())
     answers: list[Job | BaseException] = []
     committed: list[Committed] = []
     for n, request in enumerate(requests, 1):
         row = rows.get(n)
         if row is not None and row["moved"]:
-            job = progress.with_progress(job_from_row(row, _MOVED_COLUMNS), row)
+            job = progress.with_progress(job_from_row(row, _MOVED_COLUMNS), row, medians)
             committed.append(Committed(row["event_id"], job.id, job.user_id, False))
             metrics.TRANSITIONS.labels(request.to_status).inc()
             answers.append(job)
         else:
-            answers.append(_explain_unmoved(row, request))
+            answers.append(_explain_unmoved(row, request, medians))
     announce(committed)
     return answers
 
@@ -447,11 +440,13 @@ def _refusal(
     return None
 
 
-def _explain_unmoved(row: asyncpg.Record | None, request: _Transition) -> Job | BaseException:
+def _explain_unmoved(
+    row: asyncpg.Record | None, request: _Transition, medians: progress.Medians
+) -> Job | BaseException:
     """Nothing moved: the idempotent repeat (the job), or the error that says why."""
     if row is None:
         return errors.NotFoundError("job not found", job_id=str(request.job_id))
-    job = progress.with_progress(job_from_row(row, _MOVED_COLUMNS), row)
+    job = progress.with_progress(job_from_row(row, _MOVED_COLUMNS), row, medians)
     refusal = _refusal(job, request.attempt, request.dispatch_id, row["issued"])
     if refusal is not None:
         return refusal
@@ -687,9 +682,9 @@ STEP_REPORTS = Statement(
             WHERE c.dispatch_id IS NOT NULL AND c.workflow_run_id IS NOT NULL
               AND (NOT c.fence_ok OR c.stale)'''
         )
-    }), {progress.PROGRESS_CTE}
+    })
     SELECT c.n, r.event_id, r.seconds, c.issued, c.last_state, x.steps AS reports,
-           {progress.LEARNED}, {job_columns("x")}
+           {progress.DB_NOW}, {job_columns("x")}
     FROM checked AS c
     CROSS JOIN LATERAL (
         SELECT * FROM updated AS u WHERE u.id = c.job_id
@@ -697,11 +692,10 @@ STEP_REPORTS = Statement(
         SELECT {JOB_COLUMNS}, steps FROM locked AS p
         WHERE p.id = c.job_id AND NOT EXISTS (SELECT 1 FROM updated AS u WHERE u.id = c.job_id)
     ) AS x
-    CROSS JOIN learned
     LEFT JOIN recorded AS r ON r.job_id = c.job_id
     """
 )
-_STEP_COLUMNS = 8  # n, event_id, seconds, issued, last_state, reports, db_now, medians
+_STEP_COLUMNS = 7  # n, event_id, seconds, issued, last_state, reports, db_now
 
 
 class _StepReport(msgspec.Struct, frozen=True):
@@ -717,7 +711,8 @@ class _StepReport(msgspec.Struct, frozen=True):
 async def _run_step_reports(requests: Sequence[_StepReport]) -> list[Job | BaseException]:
     fields = ("job_id", "attempt", "dispatch_id", "workflow_run_id", "step", "state", "detail")
     values = _arrays(requests, *fields)
-    rows = _by_n(await fetch(STEP_REPORTS, plan=progress.learned_plan(), **values))
+    rows = _by_n(await fetch(STEP_REPORTS, **values))
+    medians = await progress.learned_for(rows.values())
     answers: list[Job | BaseException] = []
     committed: list[Committed] = []
     for n, request in enumerate(requests, 1):
@@ -725,7 +720,7 @@ async def _run_step_reports(requests: Sequence[_StepReport]) -> list[Job | BaseE
         if row is None:
             answers.append(errors.NotFoundError("job not found", job_id=str(request.job_id)))
             continue
-        job = progress.with_progress(job_from_row(row, _STEP_COLUMNS), row)
+        job = progress.with_progress(job_from_row(row, _STEP_COLUMNS), row, medians)
         if row["event_id"] is not None:
             committed.append(Committed(row["event_id"], job.id, job.user_id, False))
             metrics.STEP_REPORTS.labels(request.state).inc()
@@ -803,7 +798,7 @@ async def report_step(
 # --------------------------------------------------------------------------- progress
 
 JOB_PROGRESS = Statement(
-    f"""SELECT j.id, {progress.step_reports("j")} AS reports, {progress.PROGRESS_COLUMNS}
+    f"""SELECT j.id, {progress.step_reports("j")} AS reports, {progress.DB_NOW}
         FROM ({jobs_by_id("CAST(:job_ids AS uuid[])", "id, steps")}) AS j"""
 )
 
@@ -812,13 +807,12 @@ async def with_progress(jobs: Sequence[Job]) -> list[Job]:
     """The jobs, each with its progress (one statement for them all)."""
     if not jobs:
         return []
-    rows = {
-        row["id"]: row
-        for row in await fetch(
-            JOB_PROGRESS, job_ids=[job.id for job in jobs], plan=progress.learned_plan()
-        )
-    }
-    return [progress.with_progress(job, rows[job.id]) if job.id in rows else job for job in jobs]
+    rows = {row["id"]: row for row in await fetch(JOB_PROGRESS, job_ids=[j.id for j in jobs])}
+    medians = await progress.learned(progress.eta_wanted(job.status for job in jobs))
+    return [
+        progress.with_progress(job, rows[job.id], medians) if job.id in rows else job
+        for job in jobs
+    ]
 
 
 # --------------------------------------------------------------------------- retry
@@ -842,16 +836,16 @@ RETRY = Statement(
           AND (locked.retry_count < locked.max_retries OR :grant_extra)
         RETURNING {job_columns("j")}, locked.status AS from_status
     ), event AS ({record_events("moved", actor=":actor", reason=":reason")}
-    ), {progress.PROGRESS_CTE}
-    SELECT true AS moved, e.event_id, CAST('{{}}' AS jsonb) AS reports, {progress.LEARNED},
+    )
+    SELECT true AS moved, e.event_id, CAST('{{}}' AS jsonb) AS reports, {progress.DB_NOW},
            {JOB_COLUMNS}
-    FROM moved JOIN event AS e ON e.job_id = id CROSS JOIN learned
+    FROM moved JOIN event AS e ON e.job_id = id
     UNION ALL
-    SELECT false, NULL, NULL, NULL, NULL, {JOB_COLUMNS} FROM locked
+    SELECT false, NULL, NULL, NULL, {JOB_COLUMNS} FROM locked
     WHERE NOT EXISTS (SELECT 1 FROM moved)
     """
 )
-_RETRY_COLUMNS = 5  # moved, event_id, reports, db_now, medians
+_RETRY_COLUMNS = 4  # moved, event_id, reports, db_now
 
 
 async def retry_job(
@@ -872,11 +866,12 @@ async def retry_job(
         actor=actor,
         reason=reason or ("extra attempt granted" if grant_extra_attempt else "retry"),
         grant_extra=grant_extra_attempt,
-        plan=progress.learned_plan(),
     )
     if row is not None and row["moved"]:
         metrics.TRANSITIONS.labels(JobStatus.QUEUED).inc()
-        job = progress.with_progress(job_from_row(row, _RETRY_COLUMNS), row)
+        job = progress.with_progress(
+            job_from_row(row, _RETRY_COLUMNS), row, await progress.learned()
+        )
         announce([Committed(row["event_id"], job.id, job.user_id, True)])
         return job
     if row is None:
@@ -951,15 +946,15 @@ GET_JOB_CHECKED = Statement(
     SELECT true AS timed_out, e.event_id,
            (SELECT {progress.step_reports("p")} FROM provisioning_jobs AS p WHERE p.id = m.id)
            AS reports,
-           {progress.PROGRESS_COLUMNS}, {job_columns("m")}
+           {progress.DB_NOW}, {job_columns("m")}
     FROM moved AS m JOIN event AS e ON e.job_id = m.id
     UNION ALL
-    SELECT false, NULL, {progress.step_reports("j")}, {progress.PROGRESS_COLUMNS},
+    SELECT false, NULL, {progress.step_reports("j")}, {progress.DB_NOW},
            {job_columns("j")}
     FROM provisioning_jobs AS j
     WHERE id = :job_id AND NOT EXISTS (SELECT 1 FROM moved)"""
 )
-_CHECKED_COLUMNS = 5  # timed_out, event_id, reports, db_now, medians
+_CHECKED_COLUMNS = 4  # timed_out, event_id, reports, db_now
 
 
 def timeouts() -> dict[str, float]:
@@ -978,10 +973,11 @@ def _count_stale(job: Job) -> None:
 
 
 async def _get_job_checked(job_id: UUID) -> tuple[Job, bool]:
-    row = await fetchrow(GET_JOB_CHECKED, job_id=job_id, plan=progress.learned_plan(), **timeouts())
+    row = await fetchrow(GET_JOB_CHECKED, job_id=job_id, **timeouts())
     if row is None:
         raise errors.NotFoundError("job not found", job_id=str(job_id))
-    job = progress.with_progress(job_from_row(row, _CHECKED_COLUMNS), row)
+    medians = await progress.learned_for([row])
+    job = progress.with_progress(job_from_row(row, _CHECKED_COLUMNS), row, medians)
     if row["timed_out"]:
         _count_stale(job)
         announce([Committed(row["event_id"], job.id, job.user_id, False)])

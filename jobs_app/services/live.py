@@ -40,8 +40,8 @@ __all__ = [
 ]
 
 _MESSAGE_COLUMNS = f"""{HISTORY_COLUMNS}, {progress.step_reports("j")} AS reports,
-    {progress.PROGRESS_COLUMNS}, {job_columns("j")}"""
-_BEFORE_JOB = 15  # the event's twelve columns, reports, db_now, medians
+    {progress.DB_NOW}, {job_columns("j")}"""
+_BEFORE_JOB = 14  # the event's twelve columns, reports, db_now
 
 
 class TransitionMessage(JobEvent, tag=EventKind.TRANSITION.value):
@@ -60,8 +60,8 @@ StreamEvent = TransitionMessage | StepMessage
 """One message of a stream (its `kind` is its SSE event name)."""
 
 
-def _stream_event(row: asyncpg.Record) -> StreamEvent:
-    job = progress.with_progress(job_from_row(row, _BEFORE_JOB), row)
+def _stream_event(row: asyncpg.Record, medians: progress.Medians) -> StreamEvent:
+    job = progress.with_progress(job_from_row(row, _BEFORE_JOB), row, medians)
     event = history_event(row)
     if isinstance(event, StepEvent):
         return StepMessage(**msgspec.structs.asdict(event), job=job)
@@ -130,18 +130,16 @@ async def open_user_stream(user_id: UUID, last_event_id: int | None) -> int:
 
 async def job_events_after(job_id: UUID, after: int, limit: int) -> list[StreamEvent]:
     """The job's events with id > `after`, oldest first, at most `limit`."""
-    rows = await fetch(
-        _JOB_EVENTS_AFTER, job_id=job_id, after=after, limit=limit, plan=progress.learned_plan()
-    )
-    return [_stream_event(r) for r in rows]
+    rows = await fetch(_JOB_EVENTS_AFTER, job_id=job_id, after=after, limit=limit)
+    medians = await progress.learned(progress.eta_wanted(r["status"] for r in rows))
+    return [_stream_event(r, medians) for r in rows]
 
 
 async def user_events_after(user_id: UUID, after: int, limit: int) -> list[StreamEvent]:
     """The events of all the user's jobs with id > `after`, oldest first, at most `limit`."""
-    rows = await fetch(
-        _USER_EVENTS_AFTER, user_id=user_id, after=after, limit=limit, plan=progress.learned_plan()
-    )
-    return [_stream_event(r) for r in rows]
+    rows = await fetch(_USER_EVENTS_AFTER, user_id=user_id, after=after, limit=limit)
+    medians = await progress.learned(progress.eta_wanted(r["status"] for r in rows))
+    return [_stream_event(r, medians) for r in rows]
 
 
 # --------------------------------------------------------------------------- catch-up

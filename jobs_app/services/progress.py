@@ -1,19 +1,16 @@
 """Progress the customer can watch: the plan's steps as the job's current attempt reported
 them, and an estimate of the time left learned from past jobs.
 
-The statements that return a job to the API add columns built here: the attempt's step
-states (`step_reports`: the job's `steps`, which each step report updates on the row it
-locks) and the medians (`MEDIANS`, one scalar subquery per statement, reading the last 50
-samples of each step and of the wait before provisioning through two small partial
-indexes), with the database's `now()`. `progress()` turns them into the `Progress` every
-answer carries.
-
-The medians move slowly (one sample in 50 at a time) but reading them cost a lone
-transition 5-10% of its time (the newest samples are never all-visible: heap visits), so
-each process keeps the copy it last read: a statement reads them only when its `:plan`
-parameter is given (`learned_plan()`: when the copy is older than
-`JOBS_ETA_REFRESH_SECONDS`, 2 s by default; 0 reads them every time), and answers use the
-copy otherwise.
+The statements that return a job to the API add the attempt's step states
+(`step_reports`: the job's `steps`, which each step report updates on the row it locks)
+and the database's `now()` (`DB_NOW`). The medians (`MEDIANS`: the last 50 samples of
+each step and of the wait before provisioning, through two small partial indexes) move
+slowly, one sample in 50 at a time, so each process keeps the copy it last read and
+reads them again, in one small statement of their own, at most every
+`JOBS_ETA_REFRESH_SECONDS` (2 s by default; 0 reads them for every answer): `learned()`.
+Reading them inside every write statement cost a lone transition 5-10% even when it
+read nothing (its executor still set the subquery up). `progress()` turns the three
+into the `Progress` every answer carries.
 
 - a step is `pending`, `started`, `succeeded` or `failed` as its last report says; one
   reported `succeeded` without `started` started when it succeeded;
@@ -26,7 +23,7 @@ copy otherwise.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -35,6 +32,7 @@ import msgspec
 from jobs_app.core.lifecycle import EventKind, JobStatus, StepState
 from jobs_app.core.models import Job, Progress, StepProgress
 from jobs_app.core.settings import ProvisionStep, get_settings
+from jobs_app.db.statement import Statement, fetchrow
 
 SAMPLES = 50
 """The medians are taken over this many latest samples."""
@@ -49,7 +47,7 @@ def step_reports(job: str) -> str:
     return f"{job}.steps"
 
 
-MEDIANS = f"""CASE WHEN CAST(:plan AS text[]) IS NOT NULL THEN (
+MEDIANS = f"""(
     SELECT json_agg(json_build_array(m.step, m.median, m.samples)) FROM (
         SELECT s.step, percentile_cont(0.5) WITHIN GROUP (ORDER BY x.seconds) AS median,
                count(x.seconds) AS samples
@@ -65,28 +63,20 @@ MEDIANS = f"""CASE WHEN CAST(:plan AS text[]) IS NOT NULL THEN (
         FROM (SELECT e.seconds FROM job_events AS e
               WHERE e.kind = '{EventKind.TRANSITION}' AND e.to_status = '{JobStatus.PROVISIONING}'
               ORDER BY e.id DESC LIMIT {SAMPLES}) AS w
-    ) AS m) END"""
+    ) AS m)"""
 """SQL: `[[step or null (the wait), median seconds, samples], ...]` for the steps of
-`:plan`; null (nothing read: a subquery under CASE runs only when reached) when `:plan`
-is null."""
+`:plan` (the plan's step names)."""
 
-PROGRESS_COLUMNS = f"now() AS db_now, {MEDIANS} AS medians"
-"""The columns every job-returning statement adds once (with `step_reports` per job)."""
+READ_MEDIANS = Statement(f"SELECT {MEDIANS} AS medians")
 
-PROGRESS_CTE = f"learned AS (SELECT {PROGRESS_COLUMNS})"
-"""The same, as a CTE for a statement with several branches (computed once): join it as
-`CROSS JOIN learned` and select LEARNED."""
-LEARNED = "learned.db_now, learned.medians"
+DB_NOW = "now() AS db_now"
+"""The column every job-returning statement adds once (with `step_reports` per job): the
+clock the time already spent in a step is measured by."""
 
 
-def eta_wanted(statuses: Iterable[JobStatus | str]) -> bool:
+def eta_wanted(statuses: Iterable[JobStatus | str | None]) -> bool:
     """Whether a job in one of these statuses has an estimate."""
     return any(status in ESTIMATED for status in statuses)
-
-
-FROM_COPY: dict[str, Any] = {"plan": None}
-"""The progress parameter of a statement run by hand as the service runs it almost always
-(its process's copy of the medians fresh): no medians read."""
 
 
 def plan() -> tuple[ProvisionStep, ...]:
@@ -113,7 +103,7 @@ class Medians(msgspec.Struct):
         return _trusted(self.wait)
 
 
-_NOTHING_LEARNED = Medians({}, (None, 0))
+NOTHING_LEARNED = Medians({}, (None, 0))
 
 
 def _trusted(learned: tuple[float | None, int]) -> float | None:
@@ -154,13 +144,24 @@ class Learned:
 _learned = Learned()
 
 
-def learned_plan(wanted: bool = True) -> list[str] | None:
-    """The `:plan` parameter of a statement whose answers use the medians: the plan's step
-    names when they are to be read (`wanted`, and this process's copy is stale), else None
-    (the answers then use the copy: see `with_progress`)."""
+async def learned(wanted: bool = True) -> Medians:
+    """The medians answers use: this process's copy, read again first when `wanted` (an
+    answer has an estimate: `eta_wanted`) and the copy is older than
+    JOBS_ETA_REFRESH_SECONDS."""
     if wanted and _learned.stale(get_settings().eta_refresh_seconds):
-        return plan_names()
-    return None
+        return _learned.remember(await read_medians())
+    return _learned.medians or NOTHING_LEARNED
+
+
+async def learned_for(rows: Iterable[Mapping[str, Any]]) -> Medians:
+    """`learned()` for the answers made from these rows (each with its job's `status`)."""
+    return await learned(eta_wanted(row["status"] for row in rows))
+
+
+async def read_medians() -> Medians:
+    """The medians as the database holds them now (the support console reads them so)."""
+    row = await fetchrow(READ_MEDIANS, plan=plan_names())
+    return medians_of(None if row is None else row["medians"])
 
 
 def _json(raw: Any) -> Any:
@@ -224,13 +225,8 @@ def _eta(job: Job, steps: list[StepProgress], medians: Medians, now: datetime) -
     return round(left, 3)
 
 
-def with_progress(job: Job, row: Any) -> Job:
+def with_progress(job: Job, row: Any, medians: Medians) -> Job:
     """`job` with its progress, from the columns its statement returned (`reports`,
-    `medians`, `db_now`); medians it did not read (`learned_plan()` gave no plan) are this
-    process's copy, and those it read become the copy."""
-    if row["medians"] is not None:
-        medians = _learned.remember(medians_of(row["medians"]))
-    else:
-        medians = _learned.medians or _NOTHING_LEARNED
+    `db_now`) and the medians (`learned()`)."""
     shown = progress(job, row["reports"], medians, row["db_now"])
     return msgspec.structs.replace(job, progress=shown)
