@@ -275,6 +275,9 @@ async def check_concurrent_provision(user_id: UUID) -> None:
 # cancel the run of a refused callback, and the known runs of a job failed by anyone
 # but its workflow. Each answer row holds the moved row, or the locked row unchanged,
 # from which the caller learns why nothing moved.
+#
+# A batch in which nobody but the workflow fails a job runs the statement without that
+# last part: the executor sets up every part of a statement on each call, used or not.
 
 _REFUSED_RUN_REASON = "'refused callback of a superseded or stale dispatch'"
 _FAILED_STEP = f"COALESCE(c.failed_step, {running_step('j')})"
@@ -284,8 +287,18 @@ _WAIT = f"""CASE WHEN status = '{JobStatus.PROVISIONING}'
 """A move to provisioning measures the wait before it (the ETA's queue median)."""
 _INPUT_ROW = "i"
 
-TRANSITIONS_BATCH = Statement(
-    f"""
+_CANCEL_KNOWN_RUNS = f""", cancel_known AS ({
+    cancel_attempt_runs(
+        "moved",
+        "'job failed by ' || m.by_actor",
+        f"m.status = '{JobStatus.FAILED}' AND m.by_actor <> '{Actor.WORKFLOW}'",
+    )
+})"""
+
+
+def _transitions_batch(cancel_known_runs: str) -> Statement:
+    return Statement(
+        f"""
     WITH input AS (
         SELECT * FROM unnest(
             CAST(:job_id AS uuid[]), CAST(:to_status AS text[]),
@@ -305,13 +318,13 @@ TRANSITIONS_BATCH = Statement(
         CROSS JOIN LATERAL (SELECT {dispatch_issued("p", "i.dispatch_id")} AS issued) AS f
     ), moved AS (
         UPDATE provisioning_jobs AS j SET {
-        set_status_to(
-            "c.to_status",
-            error="c.error",
-            failed_step=_FAILED_STEP,
-            failure_reason="c.failure_reason",
-        )
-    },
+            set_status_to(
+                "c.to_status",
+                error="c.error",
+                failed_step=_FAILED_STEP,
+                failure_reason="c.failure_reason",
+            )
+        },
             workflow_run_id = COALESCE(c.workflow_run_id, j.workflow_run_id),
             dispatch_id = COALESCE(j.dispatch_id, c.dispatch_id)
         FROM checked AS c
@@ -320,13 +333,13 @@ TRANSITIONS_BATCH = Statement(
                   c.actor AS by_actor, c.dispatch_id AS by_dispatch,
                   c.workflow_run_id AS by_run, c.error AS by_error, j.queued_at
     ), event AS ({
-        record_events(
-            "moved",
-            actor="by_actor",
-            reason=f"CASE WHEN status = '{JobStatus.FAILED}' THEN by_error ELSE by_run END",
-            seconds=_WAIT,
-        )
-    }), bound AS (
+            record_events(
+                "moved",
+                actor="by_actor",
+                reason=f"CASE WHEN status = '{JobStatus.FAILED}' THEN by_error ELSE by_run END",
+                seconds=_WAIT,
+            )
+        }), bound AS (
         -- The first callback of a dispatch: its run exists (a 204 or an unknown outcome
         -- learns the run id here). The lease is left to its holder: a dispatcher whose
         -- request is still in flight records its answer (the run's URL) when it comes.
@@ -344,8 +357,8 @@ TRANSITIONS_BATCH = Statement(
           AND d.id <> m.by_dispatch AND d.state IN ({sql_list(LIVE_DISPATCH_STATES)})
         RETURNING d.id, d.job_id, d.workflow_run_id
     ), cancel AS ({
-        cancel_runs(
-            f'''SELECT workflow_run_id, job_id, id,
+            cancel_runs(
+                f'''SELECT workflow_run_id, job_id, id,
                    'superseded: its attempt is bound to another run'
             FROM superseded WHERE workflow_run_id IS NOT NULL
             UNION ALL
@@ -353,14 +366,8 @@ TRANSITIONS_BATCH = Statement(
             FROM checked AS c
             WHERE c.dispatch_id IS NOT NULL AND c.workflow_run_id IS NOT NULL
               AND (NOT c.fence_ok OR c.stale)'''
-        )
-    }), cancel_known AS ({
-        cancel_attempt_runs(
-            "moved",
-            "'job failed by ' || m.by_actor",
-            f"m.status = '{JobStatus.FAILED}' AND m.by_actor <> '{Actor.WORKFLOW}'",
-        )
-    })
+            )
+        }){cancel_known_runs}
     SELECT m.n, true AS moved, e.event_id, true AS issued, m.steps AS reports, {progress.DB_NOW},
            {job_columns("m")}
     FROM moved AS m JOIN event AS e ON e.job_id = m.id
@@ -369,7 +376,13 @@ TRANSITIONS_BATCH = Statement(
     FROM checked AS c JOIN locked AS p ON p.id = c.job_id
     WHERE NOT EXISTS (SELECT 1 FROM moved AS m WHERE m.n = c.n)
     """
-)
+    )
+
+
+TRANSITIONS_BATCH = _transitions_batch("")
+"""The transitions of a batch in which only the workflow fails jobs (if any)."""
+TRANSITIONS_BATCH_FAILING = _transitions_batch(_CANCEL_KNOWN_RUNS)
+"""The same, for a batch that fails a job for someone else: its known runs cancelled."""
 _MOVED_COLUMNS = 6  # n, moved, event_id, issued, reports, db_now
 
 
@@ -399,7 +412,9 @@ async def _run_transitions(requests: Sequence[_Transition]) -> list[Job | BaseEx
         "actor",
     )
     values = _arrays(requests, *fields)
-    rows = _by_n(await fetch(TRANSITIONS_BATCH, **values))
+    failing = any(r.to_status == JobStatus.FAILED and r.actor != Actor.WORKFLOW for r in requests)
+    statement = TRANSITIONS_BATCH_FAILING if failing else TRANSITIONS_BATCH
+    rows = _by_n(await fetch(statement, **values))
     medians = await progress.learned_for(rows.values())
     answers: list[Job | BaseException] = []
     committed: list[Committed] = []
