@@ -22,6 +22,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from jobs_app.core import errors
+from jobs_app.core.lifecycle import Actor
 from jobs_app.services import accounts
 from jobs_app.services import jobs as job_service
 from jobs_app.services.batching import MAX_IN_FLIGHT
@@ -209,6 +210,44 @@ async def test_an_enqueue_that_raises_fails_alone(db) -> None:
     assert [await db.fetchval(made, u.id) for u in users[:-1]] == [1] * (held + 4)
 
 
+async def test_an_operators_failure_batched_with_workflow_moves_cancels_only_its_run(db) -> None:
+    """A batch that fails a job for someone other than its workflow runs the statement
+    that cancels that job's known runs; batched with the workflow's own moves (one to
+    running, one failure), it cancels that run and no other."""
+    jobs = await provisioning_jobs(MAX_IN_FLIGHT + 3)
+    failed, running, workflow_failed = jobs[MAX_IN_FLIGHT:]
+    runs = {job_id: f"run-{uuid.uuid4().hex[:8]}" for job_id in (failed, running, workflow_failed)}
+    for job_id, run in runs.items():  # each attempt's run, as its first callback names it
+        await db.execute(
+            "UPDATE provisioning_jobs SET workflow_run_id = $2 WHERE id = $1", job_id, run
+        )
+    lock, blocked = await hold_batches(db, jobs[:MAX_IN_FLIGHT])
+    before = batches("transition")  # the held batches are counted as they start
+    calls = asyncio.gather(
+        job_service.update_job_status(
+            failed, status="failed", attempt=None, error="stuck", actor=Actor.operator("alice")
+        ),
+        job_service.update_job_status(running, status="running", attempt=1),
+        job_service.update_job_status(
+            workflow_failed, status="failed", attempt=1, error="ansible failed"
+        ),
+    )
+    await asyncio.sleep(0)  # one turn of the loop: all three wait for the next batch
+    await lock.rollback()
+    answers = await calls
+    await asyncio.gather(*blocked)
+    after = batches("transition")
+    assert (after[0] - before[0], after[1] - before[1]) == (1, 3)  # one batch of the three
+    assert [job.status for job in answers] == ["failed", "running", "failed"]
+    cancelled = await db.fetch(
+        "SELECT workflow_run_id, job_id, reason FROM run_cancellations WHERE job_id = ANY($1)",
+        list(runs),
+    )
+    assert [tuple(row) for row in cancelled] == [
+        (runs[failed], failed, "job failed by operator:alice")
+    ]
+
+
 async def test_a_caller_cancelled_mid_batch_keeps_its_committed_change(db) -> None:
     jobs = await provisioning_jobs(MAX_IN_FLIGHT + 1)
     lock, blocked = await hold_batches(db, jobs[:MAX_IN_FLIGHT])
@@ -239,6 +278,7 @@ from prometheus_client import REGISTRY
 from jobs_app.db import connector
 from jobs_app.services import jobs
 from jobs_app.core import errors
+from jobs_app.core.lifecycle import Actor
 
 async def main():
     await connector.start_pool()

@@ -30,7 +30,7 @@ __all__ = ["empty_database"]  # the fixture, used here
 
 pytestmark = pytest.mark.asyncio
 
-SERVICES = ("accounts", "console", "dispatches", "jobs", "live")
+SERVICES = ("accounts", "console", "dispatches", "jobs", "live", "progress")
 GROWING = frozenset(table.strip() for table in TABLES.split(","))
 
 
@@ -78,6 +78,27 @@ async def test_no_statement_scans_a_growing_table_in_its_generic_plan(empty_data
     finally:
         await conn.close()
     assert scans == {}
+
+
+MEDIANS_INDEXES = ("job_events_step_durations", "job_events_waits")
+
+
+async def test_only_the_medians_read_and_the_console_read_the_medians(empty_database) -> None:
+    """The ETA's medians are read by their own statement (each process, when its copy is
+    stale) and by the support console: no other statement's plan holds that read, which its
+    executor would set up on every call even when it reads nothing."""
+    await piccolo("migrations", "forwards", "all", url=empty_database)
+    generic = {"plan_cache_mode": "force_generic_plan"}
+    conn = await asyncpg.connect(empty_database, server_settings=generic)
+    try:
+        reading = set()
+        for name, statement in _statements():
+            plan = await _generic_plan(conn, statement)
+            if any(index in plan for index in MEDIANS_INDEXES):
+                reading.add(name)
+    finally:
+        await conn.close()
+    assert reading == {"progress.READ_MEDIANS", "console.ATTENTION", "console.JOB_PAGE"}
 
 
 async def _plan_counts(watched: dict[str, str]) -> dict[tuple[int, str], list[int]]:
