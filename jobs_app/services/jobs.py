@@ -170,8 +170,8 @@ class _Enqueue(msgspec.Struct, frozen=True):
 async def _run_enqueues(requests: Sequence[_Enqueue]) -> list[Enqueued | BaseException]:
     fields = ("agent_id", "user_id", "stripe_event_id", "region", "max_retries", "actor")
     values = _arrays(requests, *fields)
+    medians = await progress.learned()  # before the write: a failed read changes nothing
     rows = _by_n(await fetch(ENQUEUE, **values))
-    medians = await progress.learned_for(rows.values())
     answers: list[Enqueued | BaseException] = []
     committed: list[Committed] = []
     for n, request in enumerate(requests, 1):
@@ -414,8 +414,10 @@ async def _run_transitions(requests: Sequence[_Transition]) -> list[Job | BaseEx
     values = _arrays(requests, *fields)
     failing = any(r.to_status == JobStatus.FAILED and r.actor != Actor.WORKFLOW for r in requests)
     statement = TRANSITIONS_BATCH_FAILING if failing else TRANSITIONS_BATCH
+    # Each answer's job is in its request's status (moved, or a repeat), or an error: no
+    # medians to read when none of those statuses has an estimate.
+    medians = await progress.learned(progress.eta_wanted(r.to_status for r in requests))
     rows = _by_n(await fetch(statement, **values))
-    medians = await progress.learned_for(rows.values())
     answers: list[Job | BaseException] = []
     committed: list[Committed] = []
     for n, request in enumerate(requests, 1):
@@ -726,8 +728,8 @@ class _StepReport(msgspec.Struct, frozen=True):
 async def _run_step_reports(requests: Sequence[_StepReport]) -> list[Job | BaseException]:
     fields = ("job_id", "attempt", "dispatch_id", "workflow_run_id", "step", "state", "detail")
     values = _arrays(requests, *fields)
+    medians = await progress.learned()
     rows = _by_n(await fetch(STEP_REPORTS, **values))
-    medians = await progress.learned_for(rows.values())
     answers: list[Job | BaseException] = []
     committed: list[Committed] = []
     for n, request in enumerate(requests, 1):
@@ -822,8 +824,8 @@ async def with_progress(jobs: Sequence[Job]) -> list[Job]:
     """The jobs, each with its progress (one statement for them all)."""
     if not jobs:
         return []
-    rows = {row["id"]: row for row in await fetch(JOB_PROGRESS, job_ids=[j.id for j in jobs])}
     medians = await progress.learned(progress.eta_wanted(job.status for job in jobs))
+    rows = {row["id"]: row for row in await fetch(JOB_PROGRESS, job_ids=[j.id for j in jobs])}
     return [
         progress.with_progress(job, rows[job.id], medians) if job.id in rows else job
         for job in jobs
@@ -875,6 +877,7 @@ async def retry_job(
     `grant_extra_attempt` (operators only) raises max_retries when the budget is
     spent. A second job in flight for the user raises ConcurrentProvisionError.
     """
+    medians = await progress.learned()
     row = await fetchrow(
         RETRY,
         job_id=job_id,
@@ -884,9 +887,7 @@ async def retry_job(
     )
     if row is not None and row["moved"]:
         metrics.TRANSITIONS.labels(JobStatus.QUEUED).inc()
-        job = progress.with_progress(
-            job_from_row(row, _RETRY_COLUMNS), row, await progress.learned()
-        )
+        job = progress.with_progress(job_from_row(row, _RETRY_COLUMNS), row, medians)
         announce([Committed(row["event_id"], job.id, job.user_id, True)])
         return job
     if row is None:
@@ -988,10 +989,10 @@ def _count_stale(job: Job) -> None:
 
 
 async def _get_job_checked(job_id: UUID) -> tuple[Job, bool]:
+    medians = await progress.learned()
     row = await fetchrow(GET_JOB_CHECKED, job_id=job_id, **timeouts())
     if row is None:
         raise errors.NotFoundError("job not found", job_id=str(job_id))
-    medians = await progress.learned_for([row])
     job = progress.with_progress(job_from_row(row, _CHECKED_COLUMNS), row, medians)
     if row["timed_out"]:
         _count_stale(job)

@@ -130,15 +130,15 @@ async def open_user_stream(user_id: UUID, last_event_id: int | None) -> int:
 
 async def job_events_after(job_id: UUID, after: int, limit: int) -> list[StreamEvent]:
     """The job's events with id > `after`, oldest first, at most `limit`."""
+    medians = await progress.learned()
     rows = await fetch(_JOB_EVENTS_AFTER, job_id=job_id, after=after, limit=limit)
-    medians = await progress.learned(progress.eta_wanted(r["status"] for r in rows))
     return [_stream_event(r, medians) for r in rows]
 
 
 async def user_events_after(user_id: UUID, after: int, limit: int) -> list[StreamEvent]:
     """The events of all the user's jobs with id > `after`, oldest first, at most `limit`."""
+    medians = await progress.learned()
     rows = await fetch(_USER_EVENTS_AFTER, user_id=user_id, after=after, limit=limit)
-    medians = await progress.learned(progress.eta_wanted(r["status"] for r in rows))
     return [_stream_event(r, medians) for r in rows]
 
 

@@ -23,7 +23,7 @@ into the `Progress` every answer carries.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any
 
@@ -74,7 +74,7 @@ DB_NOW = "now() AS db_now"
 clock the time already spent in a step is measured by."""
 
 
-def eta_wanted(statuses: Iterable[JobStatus | str | None]) -> bool:
+def eta_wanted(statuses: Iterable[JobStatus | str]) -> bool:
     """Whether a job in one of these statuses has an estimate."""
     return any(status in ESTIMATED for status in statuses)
 
@@ -146,16 +146,12 @@ _learned = Learned()
 
 async def learned(wanted: bool = True) -> Medians:
     """The medians answers use: this process's copy, read again first when `wanted` (an
-    answer has an estimate: `eta_wanted`) and the copy is older than
-    JOBS_ETA_REFRESH_SECONDS."""
+    answer may have an estimate: `eta_wanted`) and the copy is older than
+    JOBS_ETA_REFRESH_SECONDS. Called before a statement that writes, so that a failed
+    read fails the call with nothing changed."""
     if wanted and _learned.stale(get_settings().eta_refresh_seconds):
         return _learned.remember(await read_medians())
     return _learned.medians or NOTHING_LEARNED
-
-
-async def learned_for(rows: Iterable[Mapping[str, Any]]) -> Medians:
-    """`learned()` for the answers made from these rows (each with its job's `status`)."""
-    return await learned(eta_wanted(row["status"] for row in rows))
 
 
 async def read_medians() -> Medians:
