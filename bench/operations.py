@@ -106,7 +106,7 @@ async def _get_job(v: Values) -> object:
     return await jobs.get_job(v["job_id"])
 
 
-_T = jobs.TRANSITIONS_BATCH
+_T = jobs.TRANSITION  # what the service runs for a lone caller (scalar parameters)
 
 OPERATIONS: dict[str, Operation] = {
     op.name: op
@@ -122,7 +122,7 @@ OPERATIONS: dict[str, Operation] = {
             True,
             _claim,
             (
-                _alone(
+                _step(
                     _T,
                     to_status=JobStatus.PROVISIONING,
                     workflow_run_id=_WORKFLOW_RUN,
@@ -144,7 +144,7 @@ OPERATIONS: dict[str, Operation] = {
             True,
             _complete,
             (
-                _alone(
+                _step(
                     _T,
                     to_status=JobStatus.RUNNING,
                     workflow_run_id=None,
@@ -160,7 +160,7 @@ OPERATIONS: dict[str, Operation] = {
             False,
             _fail_retry,
             (
-                _alone(
+                _step(
                     _T,
                     to_status=JobStatus.FAILED,
                     workflow_run_id=None,

@@ -52,12 +52,17 @@ async def lifecycle(ctx: Context) -> dict[str, Any]:
         await jobs.update_job_status(job.id, status=JobStatus.RUNNING, attempt=job.attempt)
 
     pool = await raw_pool(ctx.url)
-    transition, heartbeat = jobs.TRANSITIONS_BATCH, jobs.HEARTBEATS
+    transition, heartbeat = jobs.TRANSITION, jobs.HEARTBEATS
 
     def one(statement: Any, **values: Any) -> list[Any]:
         """A batched statement's arguments for one call (arrays of one)."""
         arrays = {k: [v] for k, v in values.items()}
         return statement.args(arrays)
+
+    def lone(statement: Any, **values: Any) -> list[Any]:
+        """The arguments of a statement for one call that the service runs with scalar
+        parameters (a transition alone: `jobs.TRANSITION`)."""
+        return statement.args(values)
 
     moved = {"attempt": 1, "actor": Actor.WORKFLOW, "dispatch_id": None}
     moved |= {"error": None, "failed_step": None, "failure_reason": None}
@@ -81,7 +86,7 @@ async def lifecycle(ctx: Context) -> dict[str, Any]:
         job_id = row["id"]
         await pool.fetchrow(
             transition.sql,
-            *one(
+            *lone(
                 transition,
                 job_id=job_id,
                 to_status=JobStatus.PROVISIONING,
@@ -96,7 +101,7 @@ async def lifecycle(ctx: Context) -> dict[str, Any]:
             )
         await pool.fetchrow(
             transition.sql,
-            *one(
+            *lone(
                 transition,
                 job_id=job_id,
                 to_status=JobStatus.RUNNING,

@@ -170,6 +170,19 @@ async def test_hot_statements_use_their_indexes(db: asyncpg.Connection) -> None:
             )
             for to in TRANSITIONS
         ),
+        *(
+            (
+                f"to {to}, alone",
+                jobs.TRANSITION,
+                {
+                    "to_status": to,
+                    "failure_reason": "workflow_error" if to == JobStatus.FAILED else None,
+                    **moved,
+                },
+                by_id,
+            )
+            for to in TRANSITIONS
+        ),
         (
             "retry",
             jobs.RETRY,

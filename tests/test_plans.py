@@ -127,7 +127,7 @@ async def test_pooled_sessions_never_plan_a_statement_per_call(user_agent) -> No
     """A lone caller's enqueue and transitions, each run many times: every execution on
     every pooled connection used the cached generic plan, none was planned for its call."""
     user_id, agent_id = user_agent
-    watched = {jobs.ENQUEUE.sql: "enqueue", jobs.TRANSITIONS_BATCH.sql: "transitions"}
+    watched = {jobs.ENQUEUE.sql: "enqueue", jobs.TRANSITION.sql: "transitions"}
     before = await _plan_counts(watched)  # earlier tests ran them on these connections too
     for n in range(8):
         enqueued = await jobs.enqueue_provisioning_job(

@@ -12,7 +12,7 @@ never as text from a caller.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import asyncpg
 
@@ -61,6 +61,28 @@ def jobs_by_id(ids: str, columns: str = JOB_COLUMNS, *, lock: bool = False) -> s
     it is read, so concurrent batches lock their rows in one order and never deadlock."""
     return f"""SELECT j.* FROM (SELECT DISTINCT k.id FROM unnest({ids}) AS k(id) ORDER BY k.id) AS k
         CROSS JOIN LATERAL {job_by_id("k.id", columns, lock=lock)} AS j"""
+
+
+def requests_input(fields: Sequence[tuple[str, str]], *, one: bool) -> str:
+    """SQL: a batch's requests as rows, each with its place `n` (from 1), from parameters
+    named after the fields (each given with its SQL type): arrays (`CAST(:job_id AS
+    uuid[])`, one element per request), or, for a batch of one (`one`), scalars. A batch
+    of one has a statement of its own: its plan knows it reads one row, where the arrays'
+    (unnest, sort, hash joins) would cost a lone caller ~8% of its call."""
+    if one:
+        columns = ", ".join(f"CAST(:{name} AS {sql_type}) AS {name}" for name, sql_type in fields)
+        return f"SELECT {columns}, CAST(1 AS bigint) AS n"
+    arrays = ", ".join(f"CAST(:{name} AS {sql_type}[])" for name, sql_type in fields)
+    names = ", ".join(name for name, _ in fields)
+    return f"SELECT * FROM unnest({arrays}) WITH ORDINALITY AS i({names}, n)"
+
+
+def locked_jobs(key: str, columns: str, *, one: bool) -> str:
+    """SQL selecting `columns` of the batch's jobs, each row locked FOR NO KEY UPDATE, their
+    ids the parameter `key` of `requests_input` (an array, or one id with `one`)."""
+    if one:
+        return f"SELECT * FROM {job_by_id(f'CAST(:{key} AS uuid)', columns, lock=True)} AS j"
+    return jobs_by_id(f"CAST(:{key} AS uuid[])", columns, lock=True)
 
 
 def sql_list(values: Iterable[str]) -> str:

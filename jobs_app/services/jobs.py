@@ -60,7 +60,9 @@ from jobs_app.db.fragments import (
     job_columns,
     job_from_row,
     jobs_by_id,
+    locked_jobs,
     record_events,
+    requests_input,
     running_step,
     set_status_to,
     sql_list,
@@ -103,6 +105,14 @@ def _arrays(requests: Sequence[Any], *fields: str) -> dict[str, list[Any]]:
     """Each field's values, one per request: the statements' array parameters, named
     after the field (`CAST(:job_id AS uuid[])` holds each request's job_id)."""
     return {field: [getattr(r, field) for r in requests] for field in fields}
+
+
+def _values(requests: Sequence[Any], *fields: str) -> dict[str, Any]:
+    """The parameters of a statement built on `requests_input`: `_arrays`, or for a batch
+    of one, each field's value itself."""
+    if len(requests) == 1:
+        return {field: getattr(requests[0], field) for field in fields}
+    return _arrays(requests, *fields)
 
 
 def _by_n(rows: Sequence[asyncpg.Record]) -> dict[int, asyncpg.Record]:
@@ -296,19 +306,24 @@ _CANCEL_KNOWN_RUNS = f""", cancel_known AS ({
 })"""
 
 
-def _transitions_batch(cancel_known_runs: str) -> Statement:
+_TRANSITION_FIELDS = (
+    ("job_id", "uuid"),
+    ("to_status", "text"),
+    ("attempt", "integer"),
+    ("dispatch_id", "uuid"),
+    ("workflow_run_id", "text"),
+    ("error", "text"),
+    ("failed_step", "text"),
+    ("failure_reason", "text"),
+    ("actor", "text"),
+)
+
+
+def _transition_statement(*, one: bool, cancel_known_runs: str) -> Statement:
     return Statement(
         f"""
-    WITH input AS (
-        SELECT * FROM unnest(
-            CAST(:job_id AS uuid[]), CAST(:to_status AS text[]),
-            CAST(:attempt AS integer[]), CAST(:dispatch_id AS uuid[]),
-            CAST(:workflow_run_id AS text[]), CAST(:error AS text[]),
-            CAST(:failed_step AS text[]), CAST(:failure_reason AS text[]),
-            CAST(:actor AS text[])
-        ) WITH ORDINALITY AS i(job_id, to_status, attempt, dispatch_id, workflow_run_id,
-                               error, failed_step, failure_reason, actor, n)
-    ), locked AS ({jobs_by_id("CAST(:job_id AS uuid[])", _LOCKED_COLUMNS, lock=True)}
+    WITH input AS ({requests_input(_TRANSITION_FIELDS, one=one)}
+    ), locked AS ({locked_jobs("job_id", _LOCKED_COLUMNS, one=one)}
     ), checked AS (
         SELECT i.*, p.status AS from_status, p.dispatch_id AS bound_before, f.issued,
                {fence_ok("p", "f.issued", dispatch="i.dispatch_id")} AS fence_ok,
@@ -379,10 +394,24 @@ def _transitions_batch(cancel_known_runs: str) -> Statement:
     )
 
 
-TRANSITIONS_BATCH = _transitions_batch("")
+TRANSITIONS_BATCH = _transition_statement(one=False, cancel_known_runs="")
 """The transitions of a batch in which only the workflow fails jobs (if any)."""
-TRANSITIONS_BATCH_FAILING = _transitions_batch(_CANCEL_KNOWN_RUNS)
+TRANSITIONS_BATCH_FAILING = _transition_statement(one=False, cancel_known_runs=_CANCEL_KNOWN_RUNS)
 """The same, for a batch that fails a job for someone else: its known runs cancelled."""
+TRANSITION = _transition_statement(one=True, cancel_known_runs="")
+"""TRANSITIONS_BATCH for a batch of one (scalar parameters)."""
+TRANSITION_FAILING = _transition_statement(one=True, cancel_known_runs=_CANCEL_KNOWN_RUNS)
+"""TRANSITIONS_BATCH_FAILING for a batch of one."""
+
+
+def transitions_statement(*, one: bool, failing: bool) -> Statement:
+    """The transition statement for a batch of one or more, failing a job for someone
+    other than its workflow or not."""
+    if one:
+        return TRANSITION_FAILING if failing else TRANSITION
+    return TRANSITIONS_BATCH_FAILING if failing else TRANSITIONS_BATCH
+
+
 _MOVED_COLUMNS = 6  # n, moved, event_id, issued, reports, db_now
 
 
@@ -400,20 +429,13 @@ class _Transition(msgspec.Struct, frozen=True):
 
 
 async def _run_transitions(requests: Sequence[_Transition]) -> list[Job | BaseException]:
-    fields = (
-        "job_id",
-        "to_status",
-        "attempt",
-        "dispatch_id",
-        "workflow_run_id",
-        "error",
-        "failed_step",
-        "failure_reason",
-        "actor",
+    statement = transitions_statement(
+        one=len(requests) == 1,
+        failing=any(
+            r.to_status == JobStatus.FAILED and r.actor != Actor.WORKFLOW for r in requests
+        ),
     )
-    values = _arrays(requests, *fields)
-    failing = any(r.to_status == JobStatus.FAILED and r.actor != Actor.WORKFLOW for r in requests)
-    statement = TRANSITIONS_BATCH_FAILING if failing else TRANSITIONS_BATCH
+    values = _values(requests, *(name for name, _ in _TRANSITION_FIELDS))
     # Each answer's job is in its request's status (moved, or a repeat), or an error: no
     # medians to read when none of those statuses has an estimate.
     medians = await progress.learned(progress.eta_wanted(r.to_status for r in requests))
