@@ -60,9 +60,9 @@ class Heartbeat(msgspec.Struct):
 @post("/api/callbacks/jobs/{job_id:uuid}/heartbeat", status_code=204)
 async def heartbeat(job_id: UUID, data: Heartbeat) -> None:
     assert _pool is not None
-    statement = jobs.HEARTBEATS  # the service's statement, for one heartbeat
+    statement = jobs.HEARTBEAT  # the service's statement for one heartbeat alone
     one = {"job_id": job_id, "attempt": data.attempt, "dispatch_id": None, "workflow_run_id": None}
-    await _pool.fetchrow(statement.sql, *statement.args({k: [v] for k, v in one.items()}))
+    await _pool.fetchrow(statement.sql, *statement.args(one))
 
 
 @get("/api/jobs/{job_id:uuid}")

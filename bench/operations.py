@@ -1,6 +1,6 @@
 """The operations measured, each twice: through `jobs_app.services.jobs`, and as the same SQL
 text (the service layer's own compiled statements) with the same arguments, one call at
-a time (the batched statements with arrays of one): the raw side never coalesces calls,
+a time (the statements the service runs for a batch of one): the raw side never coalesces calls,
 the service does (group commit), so under concurrency the ratio shows what batching buys.
 
 An operation's inputs are dicts of the statement's named values. Single-use
@@ -40,16 +40,6 @@ class Operation:
 def _step(statement: Any, **fixed: Any) -> Callable[[Values], Step]:
     def build(values: Values) -> Step:
         return statement.sql, statement.args(values | fixed)
-
-    return build
-
-
-def _alone(statement: Any, **fixed: Any) -> Callable[[Values], Step]:
-    """A batched statement (array parameters) for one call: arrays of one element."""
-
-    def build(values: Values) -> Step:
-        arrays = {k: [v] for k, v in (values | fixed).items()}
-        return statement.sql, statement.args(arrays)
 
     return build
 
@@ -106,7 +96,7 @@ async def _get_job(v: Values) -> object:
     return await jobs.get_job(v["job_id"])
 
 
-_T = jobs.TRANSITION  # what the service runs for a lone caller (scalar parameters)
+_T = jobs.TRANSITION
 
 OPERATIONS: dict[str, Operation] = {
     op.name: op
@@ -115,7 +105,7 @@ OPERATIONS: dict[str, Operation] = {
             "enqueue",
             True,
             _enqueue,
-            (_alone(jobs.ENQUEUE, region="us-east", max_retries=3, actor=Actor.API),),
+            (_step(jobs.ENQUEUE, region="us-east", max_retries=3, actor=Actor.API),),
         ),
         Operation(
             "claim",
@@ -137,7 +127,7 @@ OPERATIONS: dict[str, Operation] = {
             "heartbeat",
             False,
             _heartbeat,
-            (_alone(jobs.HEARTBEATS, attempt=1, dispatch_id=None, workflow_run_id=None),),
+            (_step(jobs.HEARTBEAT, attempt=1, dispatch_id=None, workflow_run_id=None),),
         ),
         Operation(
             "complete",

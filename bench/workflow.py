@@ -52,16 +52,11 @@ async def lifecycle(ctx: Context) -> dict[str, Any]:
         await jobs.update_job_status(job.id, status=JobStatus.RUNNING, attempt=job.attempt)
 
     pool = await raw_pool(ctx.url)
-    transition, heartbeat = jobs.TRANSITION, jobs.HEARTBEATS
-
-    def one(statement: Any, **values: Any) -> list[Any]:
-        """A batched statement's arguments for one call (arrays of one)."""
-        arrays = {k: [v] for k, v in values.items()}
-        return statement.args(arrays)
+    transition, heartbeat = jobs.TRANSITION, jobs.HEARTBEAT
 
     def lone(statement: Any, **values: Any) -> list[Any]:
-        """The arguments of a statement for one call that the service runs with scalar
-        parameters (a transition alone: `jobs.TRANSITION`)."""
+        """A statement's arguments for one call (the service's statement for a batch of
+        one: scalar parameters)."""
         return statement.args(values)
 
     moved = {"attempt": 1, "actor": Actor.WORKFLOW, "dispatch_id": None}
@@ -72,7 +67,7 @@ async def lifecycle(ctx: Context) -> dict[str, Any]:
         evt = f"evt_{tag}_{next(serial)}"
         row = await pool.fetchrow(
             jobs.ENQUEUE.sql,
-            *one(
+            *lone(
                 jobs.ENQUEUE,
                 agent_id=agent_id,
                 user_id=user_id,
@@ -97,7 +92,7 @@ async def lifecycle(ctx: Context) -> dict[str, Any]:
         for _ in range(3):
             await pool.fetchrow(
                 heartbeat.sql,
-                *one(heartbeat, job_id=job_id, attempt=1, dispatch_id=None, workflow_run_id=None),
+                *lone(heartbeat, job_id=job_id, attempt=1, dispatch_id=None, workflow_run_id=None),
             )
         await pool.fetchrow(
             transition.sql,

@@ -140,7 +140,7 @@ async def test_hot_statements_use_their_indexes(db: asyncpg.Connection) -> None:
         ),
         (
             "enqueue",
-            jobs.ENQUEUE,
+            jobs.ENQUEUES,
             one(
                 agent_id=agent,
                 user_id=user,
@@ -152,9 +152,28 @@ async def test_hot_statements_use_their_indexes(db: asyncpg.Connection) -> None:
             "stripe_event_id_key",
         ),
         (
+            "enqueue, alone",
+            jobs.ENQUEUE,
+            {
+                "agent_id": agent,
+                "user_id": user,
+                "stripe_event_id": seed.stripe_event_id("plan", 5),
+                "region": "us-east",
+                "max_retries": 3,
+                "actor": Actor.API,
+            },
+            "stripe_event_id_key",
+        ),
+        (
             "heartbeat",
             jobs.HEARTBEATS,
             one(job_id=busy, attempt=1, dispatch_id=None, workflow_run_id=None),
+            by_id,
+        ),
+        (
+            "heartbeat, alone",
+            jobs.HEARTBEAT,
+            {"job_id": busy, "attempt": 1, "dispatch_id": None, "workflow_run_id": None},
             by_id,
         ),
         *(

@@ -125,14 +125,20 @@ def _by_n(rows: Sequence[asyncpg.Record]) -> dict[int, asyncpg.Record]:
 # raise for one row of a batch), and ON CONFLICT DO NOTHING skips both a replayed
 # Stripe event and a second job in flight for a user (the partial unique index); the
 # answer row says which, or what does not exist.
-ENQUEUE = Statement(
-    f"""
-    WITH input AS (
-        SELECT * FROM unnest(
-            CAST(:agent_id AS uuid[]), CAST(:user_id AS uuid[]),
-            CAST(:stripe_event_id AS text[]), CAST(:region AS text[]),
-            CAST(:max_retries AS integer[]), CAST(:actor AS text[])
-        ) WITH ORDINALITY AS i(agent_id, user_id, stripe_event_id, region, max_retries, actor, n)
+_ENQUEUE_FIELDS = (
+    ("agent_id", "uuid"),
+    ("user_id", "uuid"),
+    ("stripe_event_id", "text"),
+    ("region", "text"),
+    ("max_retries", "integer"),
+    ("actor", "text"),
+)
+
+
+def _enqueue_statement(*, one: bool) -> Statement:
+    return Statement(
+        f"""
+    WITH input AS ({requests_input(_ENQUEUE_FIELDS, one=one)}
     ), owned AS (
         SELECT i.* FROM input AS i
         CROSS JOIN LATERAL (SELECT 1 FROM agents AS a
@@ -161,7 +167,13 @@ ENQUEUE = Statement(
                        WHERE stripe_event_id = i.stripe_event_id OFFSET 0) AS x ON true
     WHERE NOT EXISTS (SELECT 1 FROM created AS c WHERE c.n = i.n)
     """
-)
+    )
+
+
+ENQUEUES = _enqueue_statement(one=False)
+"""Enqueue a batch of jobs (array parameters)."""
+ENQUEUE = _enqueue_statement(one=True)
+"""Enqueue one job: ENQUEUES for a batch of one (scalar parameters)."""
 BY_STRIPE_EVENT = Statement(
     f"SELECT {JOB_COLUMNS} FROM provisioning_jobs WHERE stripe_event_id = :stripe_event_id"
 )
@@ -179,9 +191,9 @@ class _Enqueue(msgspec.Struct, frozen=True):
 
 async def _run_enqueues(requests: Sequence[_Enqueue]) -> list[Enqueued | BaseException]:
     fields = ("agent_id", "user_id", "stripe_event_id", "region", "max_retries", "actor")
-    values = _arrays(requests, *fields)
+    values = _values(requests, *fields)
     medians = await progress.learned()  # before the write: a failed read changes nothing
-    rows = _by_n(await fetch(ENQUEUE, **values))
+    rows = _by_n(await fetch(ENQUEUE if len(requests) == 1 else ENQUEUES, **values))
     answers: list[Enqueued | BaseException] = []
     committed: list[Committed] = []
     for n, request in enumerate(requests, 1):
@@ -563,14 +575,19 @@ async def update_job_status(
 # A heartbeat is no transition: no history row, and no index covers the columns it
 # writes, so it is a HOT update. A refused one says why from the same statement, and
 # cancels the run of a superseded or stale dispatch.
-HEARTBEATS = Statement(
-    f"""
-    WITH input AS (
-        SELECT * FROM unnest(
-            CAST(:job_id AS uuid[]), CAST(:attempt AS integer[]),
-            CAST(:dispatch_id AS uuid[]), CAST(:workflow_run_id AS text[])
-        ) WITH ORDINALITY AS i(job_id, attempt, dispatch_id, workflow_run_id, n)
-    ), locked AS ({jobs_by_id("CAST(:job_id AS uuid[])", JOB_COLUMNS, lock=True)}
+_HEARTBEAT_FIELDS = (
+    ("job_id", "uuid"),
+    ("attempt", "integer"),
+    ("dispatch_id", "uuid"),
+    ("workflow_run_id", "text"),
+)
+
+
+def _heartbeat_statement(*, one: bool) -> Statement:
+    return Statement(
+        f"""
+    WITH input AS ({requests_input(_HEARTBEAT_FIELDS, one=one)}
+    ), locked AS ({locked_jobs("job_id", JOB_COLUMNS, one=one)}
     ), checked AS (
         SELECT i.*, p.status, p.attempt AS current_attempt, f.issued,
                {fence_ok("p", "f.issued", dispatch="i.dispatch_id")} AS fence_ok
@@ -586,20 +603,26 @@ HEARTBEATS = Statement(
           AND c.current_attempt = c.attempt AND c.fence_ok
         RETURNING {job_columns("j")}, c.n
     ), cancel AS ({
-        cancel_runs(
-            f'''SELECT c.workflow_run_id, c.job_id, c.dispatch_id, {_REFUSED_RUN_REASON}
+            cancel_runs(
+                f'''SELECT c.workflow_run_id, c.job_id, c.dispatch_id, {_REFUSED_RUN_REASON}
             FROM checked AS c
             WHERE c.dispatch_id IS NOT NULL AND c.workflow_run_id IS NOT NULL
               AND (c.current_attempt <> c.attempt OR NOT c.fence_ok)'''
-        )
-    })
+            )
+        })
     SELECT b.n, true AS beat, true AS issued, {job_columns("b")} FROM beat AS b
     UNION ALL
     SELECT c.n, false, c.issued, {job_columns("p")}
     FROM checked AS c JOIN locked AS p ON p.id = c.job_id
     WHERE NOT EXISTS (SELECT 1 FROM beat AS b WHERE b.n = c.n)
     """
-)
+    )
+
+
+HEARTBEATS = _heartbeat_statement(one=False)
+"""Heartbeats of a batch (array parameters)."""
+HEARTBEAT = _heartbeat_statement(one=True)
+"""HEARTBEATS for a batch of one (scalar parameters)."""
 _BEAT_COLUMNS = 3  # n, beat, issued
 
 
@@ -612,7 +635,8 @@ class _Heartbeat(msgspec.Struct, frozen=True):
 
 async def _run_heartbeats(requests: Sequence[_Heartbeat]) -> list[Job | BaseException]:
     fields = ("job_id", "attempt", "dispatch_id", "workflow_run_id")
-    rows = _by_n(await fetch(HEARTBEATS, **_arrays(requests, *fields)))
+    statement = HEARTBEAT if len(requests) == 1 else HEARTBEATS
+    rows = _by_n(await fetch(statement, **_values(requests, *fields)))
     answers: list[Job | BaseException] = []
     for n, request in enumerate(requests, 1):
         row = rows.get(n)
@@ -674,16 +698,22 @@ async def record_heartbeat(
 # its history row; a step that succeeds records how long it took since it started (0
 # without a start): the ETA's samples.
 _STEP = "p.steps -> i.step"
-STEP_REPORTS = Statement(
-    f"""
-    WITH input AS (
-        SELECT * FROM unnest(
-            CAST(:job_id AS uuid[]), CAST(:attempt AS integer[]),
-            CAST(:dispatch_id AS uuid[]), CAST(:workflow_run_id AS text[]),
-            CAST(:step AS text[]), CAST(:state AS text[]), CAST(:detail AS text[])
-        ) WITH ORDINALITY AS i(job_id, attempt, dispatch_id, workflow_run_id, step, state,
-                               detail, n)
-    ), locked AS ({jobs_by_id("CAST(:job_id AS uuid[])", _LOCKED_COLUMNS, lock=True)}
+_STEP_FIELDS = (
+    ("job_id", "uuid"),
+    ("attempt", "integer"),
+    ("dispatch_id", "uuid"),
+    ("workflow_run_id", "text"),
+    ("step", "text"),
+    ("state", "text"),
+    ("detail", "text"),
+)
+
+
+def _step_statement(*, one: bool) -> Statement:
+    return Statement(
+        f"""
+    WITH input AS ({requests_input(_STEP_FIELDS, one=one)}
+    ), locked AS ({locked_jobs("job_id", _LOCKED_COLUMNS, one=one)}
     ), checked AS (
         SELECT i.*, p.status AS job_status, p.attempt AS current_attempt, f.issued,
                {fence_ok("p", "f.issued", dispatch="i.dispatch_id")} AS fence_ok,
@@ -715,13 +745,13 @@ STEP_REPORTS = Statement(
         FROM accepted
         RETURNING id AS event_id, job_id, seconds
     ), cancel AS ({
-        cancel_runs(
-            f'''SELECT c.workflow_run_id, c.job_id, c.dispatch_id, {_REFUSED_RUN_REASON}
+            cancel_runs(
+                f'''SELECT c.workflow_run_id, c.job_id, c.dispatch_id, {_REFUSED_RUN_REASON}
             FROM checked AS c
             WHERE c.dispatch_id IS NOT NULL AND c.workflow_run_id IS NOT NULL
               AND (NOT c.fence_ok OR c.stale)'''
-        )
-    })
+            )
+        })
     SELECT c.n, r.event_id, r.seconds, c.issued, c.last_state, x.steps AS reports,
            {progress.DB_NOW}, {job_columns("x")}
     FROM checked AS c
@@ -733,7 +763,13 @@ STEP_REPORTS = Statement(
     ) AS x
     LEFT JOIN recorded AS r ON r.job_id = c.job_id
     """
-)
+    )
+
+
+STEP_REPORTS = _step_statement(one=False)
+"""Step reports of a batch (array parameters)."""
+STEP_REPORT = _step_statement(one=True)
+"""STEP_REPORTS for a batch of one (scalar parameters)."""
 _STEP_COLUMNS = 7  # n, event_id, seconds, issued, last_state, reports, db_now
 
 
@@ -749,9 +785,9 @@ class _StepReport(msgspec.Struct, frozen=True):
 
 async def _run_step_reports(requests: Sequence[_StepReport]) -> list[Job | BaseException]:
     fields = ("job_id", "attempt", "dispatch_id", "workflow_run_id", "step", "state", "detail")
-    values = _arrays(requests, *fields)
+    values = _values(requests, *fields)
     medians = await progress.learned()
-    rows = _by_n(await fetch(STEP_REPORTS, **values))
+    rows = _by_n(await fetch(STEP_REPORT if len(requests) == 1 else STEP_REPORTS, **values))
     answers: list[Job | BaseException] = []
     committed: list[Committed] = []
     for n, request in enumerate(requests, 1):
