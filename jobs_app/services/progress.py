@@ -8,8 +8,9 @@ each step and of the wait before provisioning, through two small partial indexes
 slowly, one sample in 50 at a time, so each process keeps the copy it last read and
 reads them again, in one small statement of their own, at most every
 `JOBS_ETA_REFRESH_SECONDS` (2 s by default; 0 reads them for every answer): `learned()`.
-Reading them inside every write statement cost a lone transition 5-10% even when it
-read nothing (its executor still set the subquery up). `progress()` turns the three
+Reading them for every answer cost a lone transition 5-10%, and even carried unread in a
+write statement they cost it ~4% (its executor set the subquery up on every call); the
+support console reads them fresh, in its own statements. `progress()` turns the three
 into the `Progress` every answer carries.
 
 - a step is `pending`, `started`, `succeeded` or `failed` as its last report says; one
@@ -103,7 +104,7 @@ class Medians(msgspec.Struct):
         return _trusted(self.wait)
 
 
-NOTHING_LEARNED = Medians({}, (None, 0))
+_NOTHING_LEARNED = Medians({}, (None, 0))
 
 
 def _trusted(learned: tuple[float | None, int]) -> float | None:
@@ -151,11 +152,11 @@ async def learned(wanted: bool = True) -> Medians:
     read fails the call with nothing changed."""
     if wanted and _learned.stale(get_settings().eta_refresh_seconds):
         return _learned.remember(await read_medians())
-    return _learned.medians or NOTHING_LEARNED
+    return _learned.medians or _NOTHING_LEARNED
 
 
 async def read_medians() -> Medians:
-    """The medians as the database holds them now (the support console reads them so)."""
+    """The medians as the database holds them now."""
     row = await fetchrow(READ_MEDIANS, plan=plan_names())
     return medians_of(None if row is None else row["medians"])
 
