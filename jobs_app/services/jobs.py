@@ -97,22 +97,28 @@ _LOCKED_COLUMNS = f"{JOB_COLUMNS}, steps"
 # Enqueues, transitions and heartbeats go through a Batcher (services/batching.py):
 # concurrent calls for different jobs share one statement and one commit, each caller
 # getting the answer it would get alone. So each statement below takes arrays, one
-# element per request, and answers one row per request (`n`, its place in the arrays).
+# element per request, and answers one row per request (`n`, its place in the arrays);
+# a batch of one runs the same statement over scalars (`requests_input`).
 # The rows a batch locks are locked in id order, so batches never deadlock.
 
 
-def _arrays(requests: Sequence[Any], *fields: str) -> dict[str, list[Any]]:
-    """Each field's values, one per request: the statements' array parameters, named
-    after the field (`CAST(:job_id AS uuid[])` holds each request's job_id)."""
-    return {field: [getattr(r, field) for r in requests] for field in fields}
+_CALLBACK_FIELDS = (
+    ("job_id", "uuid"),
+    ("attempt", "integer"),
+    ("dispatch_id", "uuid"),
+    ("workflow_run_id", "text"),
+)
+"""What every callback of the workflow names: the job, its attempt, the dispatch and run."""
 
 
-def _values(requests: Sequence[Any], *fields: str) -> dict[str, Any]:
-    """The parameters of a statement built on `requests_input`: `_arrays`, or for a batch
-    of one, each field's value itself."""
+def _values(requests: Sequence[Any], fields: Sequence[tuple[str, str]]) -> dict[str, Any]:
+    """The parameters of a statement built on `requests_input(fields)`, named after the
+    fields: each one's values, one per request (`CAST(:job_id AS uuid[])` holds each
+    request's job_id), or for a batch of one, its value itself."""
+    names = [name for name, _ in fields]
     if len(requests) == 1:
-        return {field: getattr(requests[0], field) for field in fields}
-    return _arrays(requests, *fields)
+        return {name: getattr(requests[0], name) for name in names}
+    return {name: [getattr(r, name) for r in requests] for name in names}
 
 
 def _by_n(rows: Sequence[asyncpg.Record]) -> dict[int, asyncpg.Record]:
@@ -190,8 +196,7 @@ class _Enqueue(msgspec.Struct, frozen=True):
 
 
 async def _run_enqueues(requests: Sequence[_Enqueue]) -> list[Enqueued | BaseException]:
-    fields = ("agent_id", "user_id", "stripe_event_id", "region", "max_retries", "actor")
-    values = _values(requests, *fields)
+    values = _values(requests, _ENQUEUE_FIELDS)
     medians = await progress.learned()  # before the write: a failed read changes nothing
     rows = _by_n(await fetch(ENQUEUE if len(requests) == 1 else ENQUEUES, **values))
     answers: list[Enqueued | BaseException] = []
@@ -319,11 +324,8 @@ _CANCEL_KNOWN_RUNS = f""", cancel_known AS ({
 
 
 _TRANSITION_FIELDS = (
-    ("job_id", "uuid"),
+    *_CALLBACK_FIELDS,
     ("to_status", "text"),
-    ("attempt", "integer"),
-    ("dispatch_id", "uuid"),
-    ("workflow_run_id", "text"),
     ("error", "text"),
     ("failed_step", "text"),
     ("failure_reason", "text"),
@@ -447,7 +449,7 @@ async def _run_transitions(requests: Sequence[_Transition]) -> list[Job | BaseEx
             r.to_status == JobStatus.FAILED and r.actor != Actor.WORKFLOW for r in requests
         ),
     )
-    values = _values(requests, *(name for name, _ in _TRANSITION_FIELDS))
+    values = _values(requests, _TRANSITION_FIELDS)
     # Each answer's job is in its request's status (moved, or a repeat), or an error: no
     # medians to read when none of those statuses has an estimate.
     medians = await progress.learned(progress.eta_wanted(r.to_status for r in requests))
@@ -575,18 +577,12 @@ async def update_job_status(
 # A heartbeat is no transition: no history row, and no index covers the columns it
 # writes, so it is a HOT update. A refused one says why from the same statement, and
 # cancels the run of a superseded or stale dispatch.
-_HEARTBEAT_FIELDS = (
-    ("job_id", "uuid"),
-    ("attempt", "integer"),
-    ("dispatch_id", "uuid"),
-    ("workflow_run_id", "text"),
-)
 
 
 def _heartbeat_statement(*, one: bool) -> Statement:
     return Statement(
         f"""
-    WITH input AS ({requests_input(_HEARTBEAT_FIELDS, one=one)}
+    WITH input AS ({requests_input(_CALLBACK_FIELDS, one=one)}
     ), locked AS ({locked_jobs("job_id", JOB_COLUMNS, one=one)}
     ), checked AS (
         SELECT i.*, p.status, p.attempt AS current_attempt, f.issued,
@@ -634,9 +630,8 @@ class _Heartbeat(msgspec.Struct, frozen=True):
 
 
 async def _run_heartbeats(requests: Sequence[_Heartbeat]) -> list[Job | BaseException]:
-    fields = ("job_id", "attempt", "dispatch_id", "workflow_run_id")
     statement = HEARTBEAT if len(requests) == 1 else HEARTBEATS
-    rows = _by_n(await fetch(statement, **_values(requests, *fields)))
+    rows = _by_n(await fetch(statement, **_values(requests, _CALLBACK_FIELDS)))
     answers: list[Job | BaseException] = []
     for n, request in enumerate(requests, 1):
         row = rows.get(n)
@@ -698,15 +693,7 @@ async def record_heartbeat(
 # its history row; a step that succeeds records how long it took since it started (0
 # without a start): the ETA's samples.
 _STEP = "p.steps -> i.step"
-_STEP_FIELDS = (
-    ("job_id", "uuid"),
-    ("attempt", "integer"),
-    ("dispatch_id", "uuid"),
-    ("workflow_run_id", "text"),
-    ("step", "text"),
-    ("state", "text"),
-    ("detail", "text"),
-)
+_STEP_FIELDS = (*_CALLBACK_FIELDS, ("step", "text"), ("state", "text"), ("detail", "text"))
 
 
 def _step_statement(*, one: bool) -> Statement:
@@ -784,8 +771,7 @@ class _StepReport(msgspec.Struct, frozen=True):
 
 
 async def _run_step_reports(requests: Sequence[_StepReport]) -> list[Job | BaseException]:
-    fields = ("job_id", "attempt", "dispatch_id", "workflow_run_id", "step", "state", "detail")
-    values = _values(requests, *fields)
+    values = _values(requests, _STEP_FIELDS)
     medians = await progress.learned()
     rows = _by_n(await fetch(STEP_REPORT if len(requests) == 1 else STEP_REPORTS, **values))
     answers: list[Job | BaseException] = []
