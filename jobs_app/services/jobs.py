@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 from uuid import UUID
 
 import asyncpg
@@ -111,14 +111,21 @@ _CALLBACK_FIELDS = (
 """What every callback of the workflow names: the job, its attempt, the dispatch and run."""
 
 
-def _values(requests: Sequence[Any], fields: Sequence[tuple[str, str]]) -> dict[str, Any]:
-    """The parameters of a statement built on `requests_input(fields)`, named after the
-    fields: each one's values, one per request (`CAST(:job_id AS uuid[])` holds each
-    request's job_id), or for a batch of one, its value itself."""
-    names = [name for name, _ in fields]
-    if len(requests) == 1:
-        return {name: getattr(requests[0], name) for name in names}
-    return {name: [getattr(r, name) for r in requests] for name in names}
+class _Write(NamedTuple):
+    """A write's statement for a batch and the same for a batch of one, both built on
+    `requests_input(fields)`."""
+
+    many: Statement
+    one: Statement
+    fields: tuple[tuple[str, str], ...]
+
+    def bind(self, requests: Sequence[Any]) -> tuple[Statement, dict[str, Any]]:
+        """The statement for these requests, and its parameters named after the fields:
+        each one's values, one per request (`CAST(:job_id AS uuid[])` holds each request's
+        job_id), or for a batch of one, its value itself."""
+        if len(requests) == 1:
+            return self.one, {name: getattr(requests[0], name) for name, _ in self.fields}
+        return self.many, {name: [getattr(r, name) for r in requests] for name, _ in self.fields}
 
 
 def _by_n(rows: Sequence[asyncpg.Record]) -> dict[int, asyncpg.Record]:
@@ -180,6 +187,7 @@ ENQUEUES = _enqueue_statement(one=False)
 """Enqueue a batch of jobs (array parameters)."""
 ENQUEUE = _enqueue_statement(one=True)
 """Enqueue one job: ENQUEUES for a batch of one (scalar parameters)."""
+_ENQUEUE = _Write(ENQUEUES, ENQUEUE, _ENQUEUE_FIELDS)
 BY_STRIPE_EVENT = Statement(
     f"SELECT {JOB_COLUMNS} FROM provisioning_jobs WHERE stripe_event_id = :stripe_event_id"
 )
@@ -196,9 +204,9 @@ class _Enqueue(msgspec.Struct, frozen=True):
 
 
 async def _run_enqueues(requests: Sequence[_Enqueue]) -> list[Enqueued | BaseException]:
-    values = _values(requests, _ENQUEUE_FIELDS)
+    statement, values = _ENQUEUE.bind(requests)
     medians = await progress.learned()  # before the write: a failed read changes nothing
-    rows = _by_n(await fetch(ENQUEUE if len(requests) == 1 else ENQUEUES, **values))
+    rows = _by_n(await fetch(statement, **values))
     answers: list[Enqueued | BaseException] = []
     committed: list[Committed] = []
     for n, request in enumerate(requests, 1):
@@ -416,14 +424,11 @@ TRANSITION = _transition_statement(one=True, cancel_known_runs="")
 """TRANSITIONS_BATCH for a batch of one (scalar parameters)."""
 TRANSITION_FAILING = _transition_statement(one=True, cancel_known_runs=_CANCEL_KNOWN_RUNS)
 """TRANSITIONS_BATCH_FAILING for a batch of one."""
-
-
-def transitions_statement(*, one: bool, failing: bool) -> Statement:
-    """The transition statement for a batch of one or more, failing a job for someone
-    other than its workflow or not."""
-    if one:
-        return TRANSITION_FAILING if failing else TRANSITION
-    return TRANSITIONS_BATCH_FAILING if failing else TRANSITIONS_BATCH
+_TRANSITIONS = {
+    False: _Write(TRANSITIONS_BATCH, TRANSITION, _TRANSITION_FIELDS),
+    True: _Write(TRANSITIONS_BATCH_FAILING, TRANSITION_FAILING, _TRANSITION_FIELDS),
+}
+"""By whether the batch fails a job for someone other than its workflow."""
 
 
 _MOVED_COLUMNS = 6  # n, moved, event_id, issued, reports, db_now
@@ -443,13 +448,8 @@ class _Transition(msgspec.Struct, frozen=True):
 
 
 async def _run_transitions(requests: Sequence[_Transition]) -> list[Job | BaseException]:
-    statement = transitions_statement(
-        one=len(requests) == 1,
-        failing=any(
-            r.to_status == JobStatus.FAILED and r.actor != Actor.WORKFLOW for r in requests
-        ),
-    )
-    values = _values(requests, _TRANSITION_FIELDS)
+    failing = any(r.to_status == JobStatus.FAILED and r.actor != Actor.WORKFLOW for r in requests)
+    statement, values = _TRANSITIONS[failing].bind(requests)
     # Each answer's job is in its request's status (moved, or a repeat), or an error: no
     # medians to read when none of those statuses has an estimate.
     medians = await progress.learned(progress.eta_wanted(r.to_status for r in requests))
@@ -619,6 +619,7 @@ HEARTBEATS = _heartbeat_statement(one=False)
 """Heartbeats of a batch (array parameters)."""
 HEARTBEAT = _heartbeat_statement(one=True)
 """HEARTBEATS for a batch of one (scalar parameters)."""
+_HEARTBEATS = _Write(HEARTBEATS, HEARTBEAT, _CALLBACK_FIELDS)
 _BEAT_COLUMNS = 3  # n, beat, issued
 
 
@@ -630,8 +631,8 @@ class _Heartbeat(msgspec.Struct, frozen=True):
 
 
 async def _run_heartbeats(requests: Sequence[_Heartbeat]) -> list[Job | BaseException]:
-    statement = HEARTBEAT if len(requests) == 1 else HEARTBEATS
-    rows = _by_n(await fetch(statement, **_values(requests, _CALLBACK_FIELDS)))
+    statement, values = _HEARTBEATS.bind(requests)
+    rows = _by_n(await fetch(statement, **values))
     answers: list[Job | BaseException] = []
     for n, request in enumerate(requests, 1):
         row = rows.get(n)
@@ -757,6 +758,7 @@ STEP_REPORTS = _step_statement(one=False)
 """Step reports of a batch (array parameters)."""
 STEP_REPORT = _step_statement(one=True)
 """STEP_REPORTS for a batch of one (scalar parameters)."""
+_STEP_REPORTS = _Write(STEP_REPORTS, STEP_REPORT, _STEP_FIELDS)
 _STEP_COLUMNS = 7  # n, event_id, seconds, issued, last_state, reports, db_now
 
 
@@ -771,9 +773,9 @@ class _StepReport(msgspec.Struct, frozen=True):
 
 
 async def _run_step_reports(requests: Sequence[_StepReport]) -> list[Job | BaseException]:
-    values = _values(requests, _STEP_FIELDS)
+    statement, values = _STEP_REPORTS.bind(requests)
     medians = await progress.learned()
-    rows = _by_n(await fetch(STEP_REPORT if len(requests) == 1 else STEP_REPORTS, **values))
+    rows = _by_n(await fetch(statement, **values))
     answers: list[Job | BaseException] = []
     committed: list[Committed] = []
     for n, request in enumerate(requests, 1):
